@@ -1,0 +1,33 @@
+# Quick start: `make test` (install + tests) and `make train` (install + the main job).
+# Both install into .venv first and are safe to re-run: the install step is skipped
+# while .venv/.installed is newer than setup.cfg.
+PYTHON ?= python3.11
+VENV   ?= .venv
+# CPU machines: the pinned CPU wheel. On a GPU workstation pass another spec, e.g.
+#   make install TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= dev,hf
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all train clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The default suite (what .ci/run runs): everything but GPU tests, which skip themselves.
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+train: install
+	$(VENV)/bin/nemo-guide train conf/tiny_cpu.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
