@@ -1,0 +1,539 @@
+"""Run configuration: one frozen dataclass per concern, read from YAML with OmegaConf.
+
+``load_config("conf/tiny_cpu.yaml", ["algorithm.group_size=4", ...])`` reads the file,
+applies ``key=value`` overrides, maps every section onto its dataclass and validates.
+All problems (unknown keys, wrong types, bad values, inconsistent sections) are
+collected and raised as one :class:`ConfigError` that names the file and line (or the
+command-line override) of each bad value, shows the value, and says the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from nemo_guide.core.guidance import GuidanceThreshold, GuidedGroupMode
+from nemo_guide.core.kl import KLEstimator
+from nemo_guide.core.loss import Aggregation, Shaping, ShapingScope
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` holds one line per bad value."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        head = f"invalid configuration{f' in {source}' if source else ''} ({len(problems)} problem(s)):"
+        super().__init__(head + "\n  " + "\n  ".join(self.problems))
+
+
+def _choices(enum) -> str:
+    return ", ".join(repr(m.value) for m in enum)
+
+
+def _check_enum(problems: list[str], section: str, name: str, value: Any, enum) -> None:
+    try:
+        enum(value)
+    except ValueError:
+        problems.append(f"{section}.{name} = {value!r}: unknown value; choose one of {_choices(enum)}")
+
+
+class _Section:
+    """Base of the section dataclasses: ``__post_init__`` raises all ``check()`` problems."""
+
+    SECTION = ""
+
+    def check(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        problems = self.check()
+        if problems:
+            raise ConfigError(problems)
+
+
+Mode = Literal["grpo", "filter_grpo", "guide_grpo", "sft"]
+OldLogprobContext = Literal["sampling", "plain"]
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig(_Section):
+    SECTION = "algorithm"
+
+    mode: Mode = "guide_grpo"
+    """``grpo``; ``filter_grpo`` (drop groups whose rewards are all equal, DAPO-style);
+    ``guide_grpo`` (Algorithm 1); ``sft`` (the paper's baseline on reference solutions)."""
+    group_size: int = 8
+    """k: rollouts per prompt, and guided rollouts per guided prompt."""
+    guidance_threshold: str = "all_incorrect"
+    """When a prompt is guided (``guide_grpo``): all_incorrect | mostly_incorrect | always | never."""
+    guided_group: str = "union"
+    """``union``: guided rollouts join the failed plain ones in one group (paper Eq. 6).
+    ``replace``: they replace the failed group (the authors' guide_rl code)."""
+    old_logprob_context: OldLogprobContext = "sampling"
+    """Denominator of a guided token's ratio: ``sampling`` = pi_old on the hinted prompt
+    (paper Eq. 6); ``plain`` = pi_old on the plain prompt (Appendix D's unstable variant,
+    which learns where the hint supplies steps the plain policy gives ~0 probability)."""
+    clip_low: float = 0.2
+    """PPO clip: ratios below 1 - clip_low are clipped (plain tokens)."""
+    clip_high: float = 0.2
+    """PPO clip: ratios above 1 + clip_high are clipped (plain tokens)."""
+    clip_guided: bool = False
+    """Clip guided tokens too (the paper found this unstable; Appendix D)."""
+    shaping: str = "none"
+    """Guided-ratio reshaping: none | percentile (Appendix E, guide_rl) | constant (LUFFY)."""
+    shaping_gamma: float = 0.9
+    """percentile: the quantile of guided ratios used as gamma; constant: gamma itself."""
+    shaping_scope: str = "batch"
+    """percentile: one quantile per micro-batch (``batch``, guide_rl) or per rollout (``rollout``, paper)."""
+    aggregation: str = "token-mean"
+    """Loss reduction: token-mean | seq-mean-token-mean | seq-mean-token-sum | paper (Eq. 6)."""
+    normalize_std: bool = True
+    """Divide advantages by the group's standard deviation (False: Dr. GRPO, mean only)."""
+    kl_coef: float = 0.0
+    """Weight of KL(pi_theta || pi_ref) on the plain prompt (paper: 0)."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (paper: 0)."""
+    ppo_epochs: int = 1
+    """mu in Algorithm 1: update passes over each rollout batch."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if self.mode not in get_args(Mode):
+            p.append(f"{s}.mode = {self.mode!r}: unknown mode; choose one of {', '.join(map(repr, get_args(Mode)))}")
+        if self.group_size < 1:
+            p.append(f"{s}.group_size = {self.group_size}: must be >= 1 (the paper uses 8)")
+        elif self.group_size < 2 and self.mode != "sft":
+            p.append(f"{s}.group_size = {self.group_size}: group-relative advantages need >= 2 rollouts per prompt")
+        _check_enum(p, s, "guidance_threshold", self.guidance_threshold, GuidanceThreshold)
+        _check_enum(p, s, "guided_group", self.guided_group, GuidedGroupMode)
+        if self.old_logprob_context not in get_args(OldLogprobContext):
+            p.append(f"{s}.old_logprob_context = {self.old_logprob_context!r}: choose 'sampling' (paper) or 'plain'")
+        for name in ("clip_low", "clip_high"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                p.append(f"{s}.{name} = {v}: must be in [0, 1) (the paper uses 0.2)")
+        _check_enum(p, s, "shaping", self.shaping, Shaping)
+        _check_enum(p, s, "shaping_scope", self.shaping_scope, ShapingScope)
+        if self.shaping == "percentile" and not 0 <= self.shaping_gamma <= 1:
+            p.append(f"{s}.shaping_gamma = {self.shaping_gamma}: with shaping=percentile it is a quantile in [0, 1] (e.g. 0.9)")
+        if self.shaping == "constant" and self.shaping_gamma <= 0:
+            p.append(f"{s}.shaping_gamma = {self.shaping_gamma}: with shaping=constant it must be > 0 (LUFFY uses 0.1)")
+        _check_enum(p, s, "aggregation", self.aggregation, Aggregation)
+        if self.kl_coef < 0:
+            p.append(f"{s}.kl_coef = {self.kl_coef}: must be >= 0")
+        _check_enum(p, s, "kl_estimator", self.kl_estimator, KLEstimator)
+        if self.ppo_epochs < 1:
+            p.append(f"{s}.ppo_epochs = {self.ppo_epochs}: must be >= 1")
+        return p
+
+    @property
+    def guided(self) -> bool:
+        """Whether this run samples guided rollouts."""
+        return self.mode == "guide_grpo" and self.guidance_threshold != "never"
+
+
+@dataclass(frozen=True)
+class GenerationConfig(_Section):
+    SECTION = "generation"
+
+    max_new_tokens: int = 256
+    """Response length limit L; a rollout that hits it without EOS is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts (paper: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    eval_temperature: float = 0.0
+    """Temperature of held-out evaluation; 0 = greedy (the paper's pass@1)."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if self.max_new_tokens < 1:
+            p.append(f"{s}.max_new_tokens = {self.max_new_tokens}: must be >= 1")
+        if self.temperature <= 0:
+            p.append(f"{s}.temperature = {self.temperature}: must be > 0 for sampling rollouts (1.0 in the paper)")
+        if not 0 < self.top_p <= 1:
+            p.append(f"{s}.top_p = {self.top_p}: must be in (0, 1]")
+        if self.eval_temperature < 0:
+            p.append(f"{s}.eval_temperature = {self.eval_temperature}: must be >= 0 (0 = greedy)")
+        return p
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION = "data"
+
+    train: str = "builtin:digit_ops"
+    """Training records: a .jsonl/.parquet path, or ``builtin:<task>`` for a synthetic task."""
+    eval: str | None = None
+    """Held-out records (same forms); None: the built-in task's held-out split, else no eval."""
+    prompt_batch_size: int = 8
+    """B: prompts per step."""
+    prompt_style: str = "plain"
+    """plain | think_answer (Appendix H) | chat (Appendix I system prompt + tokenizer template)."""
+    hint_template: str | None = None
+    """Guided-prompt template with {problem} and {hint}; None: Appendix G's."""
+    system_prompt: str | None = None
+    """chat style only: replaces Appendix I's system prompt ("" for none)."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt (hinted prompts included); longer ones are an error, never cut."""
+    eval_limit: int | None = None
+    """Evaluate on the first N held-out records only (None: all)."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if not self.train:
+            p.append(f"{s}.train is empty: give a .jsonl/.parquet path or builtin:digit_ops")
+        if self.prompt_batch_size < 1:
+            p.append(f"{s}.prompt_batch_size = {self.prompt_batch_size}: must be >= 1")
+        _check_style(p, s, self.prompt_style)
+        if self.hint_template is not None:
+            for name in ("problem", "hint"):
+                if self.hint_template.count("{" + name + "}") != 1:
+                    p.append(f"{s}.hint_template must contain {{{name}}} exactly once: {self.hint_template[:80]!r}")
+        if self.max_prompt_tokens < 1:
+            p.append(f"{s}.max_prompt_tokens = {self.max_prompt_tokens}: must be >= 1")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            p.append(f"{s}.eval_limit = {self.eval_limit}: must be >= 1 or null")
+        return p
+
+
+def _check_style(problems: list[str], section: str, style: str) -> None:
+    from nemo_guide.data.templates import PromptStyle
+
+    _check_enum(problems, section, "prompt_style", style, PromptStyle)
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    SECTION = "optim"
+
+    lr: float = 1e-6
+    """AdamW learning rate (paper: 1e-6 at 7B)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    mini_batch_size: int | None = None
+    """Rollouts per optimizer step (None: the whole rollout batch, one step per epoch)."""
+    micro_batch_size: int = 16
+    """Rollouts per forward/backward; gradients accumulate up to a mini-batch."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if self.lr <= 0:
+            p.append(f"{s}.lr = {self.lr}: must be > 0 (1e-6 at 7B; ~3e-5 for the tiny CPU policy)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            p.append(f"{s}.betas = {list(self.betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if self.weight_decay < 0:
+            p.append(f"{s}.weight_decay = {self.weight_decay}: must be >= 0")
+        if self.grad_clip < 0:
+            p.append(f"{s}.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
+        if self.warmup_steps < 0:
+            p.append(f"{s}.warmup_steps = {self.warmup_steps}: must be >= 0")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            p.append(f"{s}.mini_batch_size = {self.mini_batch_size}: must be >= 1 or null")
+        if self.micro_batch_size < 1:
+            p.append(f"{s}.micro_batch_size = {self.micro_batch_size}: must be >= 1")
+        return p
+
+
+Backend = Literal["torch", "megatron"]
+
+
+@dataclass(frozen=True)
+class BackendConfig(_Section):
+    SECTION = "backend"
+
+    name: Backend = "torch"
+    """torch (embedded: one process, CPU or one GPU) | megatron (TP/PP, NeMo-Aligner)."""
+    model: str = "builtin:tiny"
+    """A Hugging Face model directory, or builtin:tiny (the small built-in decoder)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for training (float32 on CPU)."""
+    tensor_parallel: int = 1
+    """Megatron tensor-parallel size."""
+    pipeline_parallel: int = 1
+    """Megatron pipeline-parallel size."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk when computing log-probs (bounds the [chunk, V] logits held)."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if self.name not in get_args(Backend):
+            p.append(f"{s}.name = {self.name!r}: choose 'torch' or 'megatron'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            p.append(f"{s}.device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            p.append(f"{s}.dtype = {self.dtype!r}: choose float32, bfloat16 or float16")
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            v = getattr(self, name)
+            if v < 1:
+                p.append(f"{s}.{name} = {v}: must be >= 1")
+            elif v > 1 and self.name == "torch":
+                p.append(f"{s}.{name} = {v}: the torch backend is single-process; set backend.name=megatron or {name}=1")
+        if self.logprob_chunk_size < 1:
+            p.append(f"{s}.logprob_chunk_size = {self.logprob_chunk_size}: must be >= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    SECTION = "run"
+
+    name: str = "run"
+    """Run name: outputs go to <output_dir>/<name>/."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    steps: int = 100
+    """Training steps (one prompt batch each)."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    eval_every: int = 0
+    """Evaluate on held-out problems every N steps (0 = only before and after training)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the run directory."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+    def check(self) -> list[str]:
+        p: list[str] = []
+        s = self.SECTION
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            p.append(f"{s}.name = {self.name!r}: must be a plain directory name")
+        if self.steps < 0:
+            p.append(f"{s}.steps = {self.steps}: must be >= 0")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                p.append(f"{s}.{name} = {getattr(self, name)}: must be >= 0 (0 = off)")
+        if self.keep_checkpoints < 1:
+            p.append(f"{s}.keep_checkpoints = {self.keep_checkpoints}: must be >= 1")
+        if self.log_every < 1:
+            p.append(f"{s}.log_every = {self.log_every}: must be >= 1")
+        return p
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> list[str]:
+        """Problems that involve more than one section."""
+        p: list[str] = []
+        a, o, d = self.algorithm, self.optim, self.data
+        rollouts = d.prompt_batch_size * a.group_size
+        if o.mini_batch_size is not None and o.mini_batch_size > rollouts * (2 if a.guided else 1):
+            p.append(
+                f"optim.mini_batch_size = {o.mini_batch_size}: larger than a step's rollouts "
+                f"(data.prompt_batch_size * algorithm.group_size = {rollouts}{' plus guided ones' if a.guided else ''})"
+            )
+        if a.aggregation == "paper" and o.mini_batch_size is not None:
+            p.append("algorithm.aggregation = 'paper' normalises over whole prompt groups; set optim.mini_batch_size=null")
+        return p
+
+    def __post_init__(self) -> None:
+        problems = self.check()
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "algorithm": AlgorithmConfig,
+    "generation": GenerationConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "backend": BackendConfig,
+    "run": RunConfig,
+}
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML file (best effort)."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = f"{prefix}{key.value}"
+                lines[dotted] = key.start_mark.line + 1
+                walk(value, dotted + ".")
+
+    try:
+        with path.open(encoding="utf-8") as f:
+            walk(yaml.compose(f), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a field annotation; ints widen to floats, lists to tuples."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(annotation):
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in get_args(annotation), value
+    if origin is tuple:
+        args = get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, value
+        out = []
+        for v, a in zip(value, args):
+            ok, c = _coerce(v, a)
+            if not ok:
+                return False, value
+            out.append(c)
+        return True, tuple(out)
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if origin is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _where(dotted: str, lines: dict[str, int], source: str | None, overridden: set[str]) -> str:
+    if dotted in overridden:
+        return f"(command line {dotted}=...) "
+    if source and dotted in lines:
+        return f"{source}:{lines[dotted]}: "
+    return f"{source}: " if source else ""
+
+
+def config_from_dict(data: dict[str, Any], *, source: str | None = None, lines: dict[str, int] | None = None, overridden: set[str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from nested plain data (every problem at once)."""
+    lines = lines or {}
+    overridden = overridden or set()
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}"], source)
+    for key in data:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"sections are {', '.join(SECTIONS)}"
+            problems.append(f"{_where(str(key), lines, source, overridden)}unknown section '{key}'; {hint}")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"{_where(name, lines, source, overridden)}section '{name}' must be a mapping, got {raw!r}")
+            continue
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            dotted = f"{name}.{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean '{name}.{close[0]}'?" if close else f"valid keys: {', '.join(sorted(known))}"
+                problems.append(f"{_where(dotted, lines, source, overridden)}unknown key '{dotted}'; {hint}")
+                continue
+            ok, coerced = _coerce(value, hints[key])
+            if not ok:
+                problems.append(f"{_where(dotted, lines, source, overridden)}{dotted} = {value!r}: expected {_type_name(hints[key])}")
+                continue
+            kwargs[key] = coerced
+        try:
+            sections[name] = cls(**kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                dotted = problem.split(" ", 1)[0].split("=")[0].strip()
+                problems.append(_where(dotted, lines, source, overridden) + problem)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config(**sections)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: every problem found, each with its file and line or override.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    source = str(path)
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError carries the line in its message
+        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([f"override {o!r} is not key=value (e.g. algorithm.group_size=4)" for o in bad], source)
+    overridden = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    try:
+        merged = OmegaConf.merge(conf, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError([f"{exc}".splitlines()[0]], source) from None
+    return config_from_dict(data, source=source, lines=_yaml_lines(path), overridden=overridden)
