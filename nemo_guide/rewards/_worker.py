@@ -8,15 +8,28 @@ signal-based timeouts of math-verify cannot interrupt a single C-level operation
 from __future__ import annotations
 
 import os
+import re
 
 # Soft limits inside the worker (math-verify's own signal.alarm timeouts, whole seconds).
 PARSE_TIMEOUT_S = 1
 VERIFY_TIMEOUT_S = 2
 
 
+_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
 def verify_pair(gold: str, pred: str) -> bool:
-    """Whether ``pred`` (the content of the model's final box) is equivalent to ``gold``."""
+    """Whether ``pred`` (the content of the model's final box) is equivalent to ``gold``.
+
+    Unescaped ``$`` are dropped from both first: inside a final answer they are only
+    formatting, and math-verify would otherwise read just the first ``$...$`` span
+    (so ``$(3,2)$+1`` would match ``(3,2)``).
+    """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    gold, pred = _DOLLAR.sub(" ", gold).strip(), _DOLLAR.sub(" ", pred).strip()
+    if not gold or not pred:
+        return False
 
     latex = [LatexExtractionConfig()]
     gold_parsed = parse("\\boxed{" + gold + "}", extraction_config=latex, parsing_timeout=PARSE_TIMEOUT_S)
@@ -30,24 +43,31 @@ def verify_pair(gold: str, pred: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=VERIFY_TIMEOUT_S))
 
 
-def serve(conn) -> None:
-    """Answer ``(gold, pred)`` requests on ``conn`` with ``(ok: bool, error: str | None)``."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import logging
+def serve() -> None:
+    """Answer JSON lines ``[gold, pred]`` on stdin with ``[ok, error]`` lines on stdout.
 
+    Run as ``python -m nemo_guide.rewards._worker``. Anything else that prints (library
+    warnings) goes to stderr, so stdout carries only the protocol.
+    """
+    import json
+    import logging
+    import sys
+
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401  (import once, before the first request)
 
-    conn.send(("ready", None))
-    while True:
+    protocol.write(json.dumps(["ready", None]) + "\n")
+    for line in sys.stdin:
+        gold, pred = json.loads(line)
         try:
-            request = conn.recv()
-        except EOFError:
-            return
-        if request is None:
-            return
-        gold, pred = request
-        try:
-            conn.send((verify_pair(gold, pred), None))
+            reply = [verify_pair(gold, pred), None]
         except Exception as exc:  # a parser bug on odd input is a wrong answer, not a crash
-            conn.send((False, f"{type(exc).__name__}: {exc}"[:200]))
+            reply = [False, f"{type(exc).__name__}: {exc}"[:200]]
+        protocol.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    serve()

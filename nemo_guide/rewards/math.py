@@ -11,12 +11,16 @@ training step; overruns score 0.0 and are counted in :attr:`VerifierPool.stats`.
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Sequence
 
 # An extracted answer longer than this scores 0.0 without parsing (no benchmark gold
@@ -85,58 +89,74 @@ class VerifierPool:
             and sympy are imported).
         timeout_s: hard deadline of one check; an overrun kills and restarts its worker
             and scores 0.0.
+        fast_path: score 1.0 without a worker when the answer equals the gold string
+            after trivial normalisation (whitespace, ``\\left``/``\\right``, ``$``).
 
     ``stats`` counts outcomes: ``checked``, ``fast_path`` (string-equal after trivial
     normalisation), ``no_answer``, ``too_long``, ``timeout``, ``error``.
     """
 
-    def __init__(self, num_workers: int = 1, timeout_s: float = HARD_TIMEOUT_S) -> None:
+    def __init__(self, num_workers: int = 1, timeout_s: float = HARD_TIMEOUT_S, *, fast_path: bool = True) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.num_workers = num_workers
         self.timeout_s = timeout_s
+        self.fast_path = fast_path
         self.stats: Counter[str] = Counter()
-        self._ctx = mp.get_context("spawn")
-        self._workers: list[tuple[mp.Process, object] | None] = [None] * num_workers
+        self._workers: list[subprocess.Popen | None] = [None] * num_workers
         self._lock = threading.Lock()
         atexit.register(self.close)
 
     # -- worker management -------------------------------------------------------------
     def _start(self, slot: int) -> None:
-        from nemo_guide.rewards import _worker
-
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker.serve, args=(child,), daemon=True, name=f"nemo-guide-verifier-{slot}")
-        proc.start()
-        child.close()
-        if not parent.poll(120):
+        # A plain subprocess, not multiprocessing: spawn/forkserver re-import the
+        # caller's __main__, which breaks scripts without an `if __name__` guard.
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nemo_guide.rewards._worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
+        if not wait([proc.stdout], timeout=120):
             proc.kill()
-            raise RuntimeError("the math-verify worker did not start within 120 s; is math-verify installed (pip install 'math-verify[antlr4_9_3]')?")
-        status, _ = parent.recv()
-        if status != "ready":
-            raise RuntimeError(f"the math-verify worker failed to start: {status}")
-        self._workers[slot] = (proc, parent)
+            raise RuntimeError("the math-verify worker did not start within 120 s")
+        line = proc.stdout.readline()
+        if not line.startswith('["ready"'):
+            proc.kill()
+            raise RuntimeError(
+                "the math-verify worker failed to start; is math-verify installed? "
+                "(pip install 'math-verify[antlr4_9_3]'); it said: " + (line.strip() or "nothing")
+            )
+        self._workers[slot] = proc
+
+    def _send(self, slot: int, gold: str, pred: str) -> None:
+        proc = self._workers[slot]
+        proc.stdin.write(json.dumps([gold, pred]) + "\n")
+        proc.stdin.flush()
 
     def _kill(self, slot: int) -> None:
-        worker = self._workers[slot]
-        if worker is not None:
-            proc, conn = worker
+        proc = self._workers[slot]
+        if proc is not None:
             proc.kill()
-            proc.join(timeout=5)
-            conn.close()
+            proc.wait(timeout=5)
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
             self._workers[slot] = None
 
     def close(self) -> None:
         for slot in range(self.num_workers):
-            worker = self._workers[slot]
-            if worker is not None:
-                try:
-                    worker[1].send(None)
-                except (BrokenPipeError, OSError):
-                    pass
-                self._kill(slot)
+            self._kill(slot)
 
     # -- scoring -------------------------------------------------------------------------
     def _prepare(self, completion: str, answer: str) -> tuple[float | None, str | None]:
@@ -148,7 +168,7 @@ class VerifierPool:
         if len(pred) > MAX_ANSWER_CHARS:
             self.stats["too_long"] += 1
             return 0.0, None
-        if _normalise(pred) == _normalise(answer):
+        if self.fast_path and _normalise(pred) == _normalise(answer):
             self.stats["fast_path"] += 1
             return 1.0, None
         return None, pred
@@ -181,17 +201,18 @@ class VerifierPool:
                     if self._workers[slot] is None:
                         self._start(slot)
                     i, gold, pred = queue.pop()
-                    self._workers[slot][1].send((gold, pred))
+                    self._send(slot, gold, pred)
                     busy[slot] = (i, time.monotonic() + self.timeout_s)
             now = time.monotonic()
             next_deadline = min(d for _, d in busy.values())
-            conns = {self._workers[s][1]: s for s in busy}
-            for conn in wait(list(conns), timeout=max(0.0, next_deadline - now)):
-                slot = conns[conn]
+            streams = {self._workers[s].stdout: s for s in busy}
+            for stream in wait(list(streams), timeout=max(0.0, next_deadline - now)):
+                slot = streams[stream]
                 i, _ = busy.pop(slot)
-                try:
-                    ok, error = conn.recv()
-                except (EOFError, OSError):  # the worker died (e.g. out of memory)
+                line = stream.readline()  # one small line per reply: written atomically
+                if line:
+                    ok, error = json.loads(line)
+                else:  # the worker died (e.g. out of memory)
                     ok, error = False, "worker died"
                     self._kill(slot)
                 self.stats["checked"] += 1
@@ -233,8 +254,8 @@ class MathReward:
         num_workers: verifier processes (checks of one batch run in parallel).
     """
 
-    def __init__(self, num_workers: int = 1, timeout_s: float = HARD_TIMEOUT_S) -> None:
-        self.pool = VerifierPool(num_workers=num_workers, timeout_s=timeout_s)
+    def __init__(self, num_workers: int = 1, timeout_s: float = HARD_TIMEOUT_S, *, fast_path: bool = True) -> None:
+        self.pool = VerifierPool(num_workers=num_workers, timeout_s=timeout_s, fast_path=fast_path)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], *, answers: Sequence[str], **meta) -> list[float]:
         if len(prompts) != len(completions):

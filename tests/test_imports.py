@@ -1,0 +1,51 @@
+"""The import boundaries of DESIGN section 2."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nemo_guide"
+HEAVY = ["transformers", "megatron", "nemo", "nemo_aligner", "tensorrt_llm", "transformer_engine", "apex"]
+
+
+@pytest.mark.parametrize("module", ["nemo_guide.core", "nemo_guide.rewards", "nemo_guide.data", "nemo_guide.config"])
+def test_light_modules_pull_in_nothing_heavy(module):
+    code = (
+        f"import sys, {module}\n"
+        f"heavy = {HEAVY!r}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "assert not bad, bad\n"
+        "assert not __import__('torch').distributed.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+# What each layer may import from the package (imports point down only).
+ALLOWED = {
+    "core": {"nemo_guide.core"},
+    "rewards": {"nemo_guide.rewards"},
+    "data": {"nemo_guide.data", "nemo_guide.core"},
+}
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layers_import_downwards_only(layer):
+    for path in (PACKAGE / layer).rglob("*.py"):
+        for name in _imports(path):
+            if name.startswith("nemo_guide."):
+                assert any(name == a or name.startswith(a + ".") for a in ALLOWED[layer]), f"{path}: imports {name}"
+            assert name.split(".")[0] not in HEAVY, f"{path}: imports {name}"
