@@ -1,0 +1,1 @@
+"""Compute kernels shared by the backends (pure torch on CPU)."""

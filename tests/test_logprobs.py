@@ -1,0 +1,102 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nemo_guide.kernels.logprobs import fused_logprobs
+
+
+def _naive(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+
+
+@pytest.mark.parametrize("t,chunk", [(1, 4), (13, 4), (16, 16), (37, 1024), (0, 8)])
+def test_matches_naive_forward_and_backward(t, chunk):
+    torch.manual_seed(t)
+    h = torch.randn(t, 24, requires_grad=True)
+    w = torch.randn(50, 24, requires_grad=True)
+    y = torch.randint(0, 50, (t,))
+    lp, ent = fused_logprobs(h, w, y, chunk_size=chunk, return_entropy=True)
+    ref_lp, ref_ent = _naive(h, w, y)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    if t == 0:
+        return
+    g1, g2 = torch.randn(t), torch.randn(t)
+    got = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), (h, w))
+    want = torch.autograd.grad((ref_lp * g1).sum() + (ref_ent * g2).sum(), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (5,))
+    assert torch.autograd.gradcheck(lambda a, b: fused_logprobs(a, b, y, chunk_size=2, return_entropy=True), (h, w))
+
+
+def test_bf16_inputs_give_float32_and_grads_in_input_dtype():
+    h = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.bfloat16, requires_grad=True)
+    lp = fused_logprobs(h, w, torch.randint(0, 11, (6,)), chunk_size=4)
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 5\)"):
+        fused_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"\[V_local, H\]"):
+        fused_logprobs(torch.randn(2, 3), torch.randn(5, 4), torch.tensor([0, 1]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same full tensors on every rank
+        h = torch.randn(19, 16)
+        w = torch.randn(40, 16)
+        y = torch.randint(0, 40, (19,))
+        g1, g2 = torch.randn(19), torch.randn(19)
+        shard = w.chunk(world)[rank].clone().requires_grad_(True)
+        h_local = h.clone().requires_grad_(True)
+        lp, ent = fused_logprobs(h_local, shard, y, tp_group=dist.group.WORLD, chunk_size=5, return_entropy=True)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        hf, wf = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ref_lp, ref_ent = _naive(hf, wf, y)
+        ((ref_lp * g1).sum() + (ref_ent * g2).sum()).backward()
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_local.grad, hf.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(shard.grad, wf.grad.chunk(world)[rank], rtol=1e-4, atol=1e-5)
+        queue.put((rank, "ok"))
+    except Exception as exc:  # report to the parent, which asserts
+        queue.put((rank, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", [2])
+def test_vocab_parallel_gloo_matches_full_vocabulary(world):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_tp_worker, args=(world, _free_port(), queue), nprocs=world, start_method="spawn")
+    results = dict(queue.get() for _ in range(world))
+    assert results == {r: "ok" for r in range(world)}
