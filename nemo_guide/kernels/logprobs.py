@@ -48,7 +48,7 @@ def shard_target_logit(logits: torch.Tensor, targets: torch.Tensor, vocab_start:
     return torch.where(in_shard, picked, torch.zeros_like(picked)), in_shard
 
 
-def grad_logits(
+def grad_logits_(
     logits: torch.Tensor,
     lse: torch.Tensor,
     entropy: torch.Tensor | None,
@@ -57,19 +57,26 @@ def grad_logits(
     grad_logprob: torch.Tensor,
     grad_entropy: torch.Tensor | None,
 ) -> torch.Tensor:
-    """d(loss)/d(logits) of this shard.
+    """d(loss)/d(logits) of this shard, computed in place in ``logits`` (returned).
 
-    ``d logp_t / d z = onehot(target) - p``; ``d H / d z = -p * (z - lse + H)``.
-    Shapes: ``logits [C, V_local]``, the rest ``[C]``.
+    ``d logp_t / d z = onehot(target) - p``; ``d H / d z = -p * (log p + H)``.
+    Shapes: ``logits [C, V_local]``, the rest ``[C]``. Holds at most two ``[C, V_local]``
+    buffers (one without entropy).
     """
-    p = (logits - lse.unsqueeze(-1)).exp()  # [C, V_local]
-    grad = -p * grad_logprob.unsqueeze(-1)
-    local = targets - vocab_start
-    in_shard = (local >= 0) & (local < logits.shape[-1])
-    rows = torch.nonzero(in_shard).squeeze(-1)
-    grad[rows, local[rows]] += grad_logprob[rows]
+    logp = logits.sub_(lse.unsqueeze(-1))  # in place: log p
+    ent_term = None
     if grad_entropy is not None:
-        grad = grad - p * (logits - lse.unsqueeze(-1) + entropy.unsqueeze(-1)) * grad_entropy.unsqueeze(-1)
+        ent_term = (logp + entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1))  # -(log p + H) * gH
+    grad = logp.exp_()  # in place: p
+    if ent_term is not None:
+        ent_term.mul_(grad)
+    grad.mul_(-grad_logprob.unsqueeze(-1))  # -p * g_logp
+    if ent_term is not None:
+        grad.add_(ent_term)
+        del ent_term
+    local = targets - vocab_start
+    rows = torch.nonzero((local >= 0) & (local < grad.shape[-1])).squeeze(-1)
+    grad[rows, local[rows]] += grad_logprob[rows]
     return grad
 
 
@@ -94,20 +101,21 @@ class _FusedLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logprob) if with_entropy else None
         for start in range(0, num_tokens, chunk_size):
             sl = slice(start, start + chunk_size)
-            logits = shard_logits(hidden[sl], weight, dtype)  # [C, V_local]
-            m = _all_reduce(logits.max(-1).values, dist.ReduceOp.MAX, group)  # [C]
-            shifted = logits - m.unsqueeze(-1)
-            sum_exp = _all_reduce(shifted.exp().sum(-1), dist.ReduceOp.SUM, group)  # [C]
+            buf = shard_logits(hidden[sl], weight, dtype)  # the one [C, V_local] buffer
+            target_logit, _ = shard_target_logit(buf, targets[sl], vocab_start)
+            m = _all_reduce(buf.max(-1).values, dist.ReduceOp.MAX, group)  # [C]
+            shifted = buf.sub_(m.unsqueeze(-1))  # in place: z - m
+            if with_entropy:
+                # sum_j e^s_j * s_j with s = z - m; with S = sum_j e^s_j, H = log S - (sum e^s s) / S
+                xs = _all_reduce(shifted.exp().mul_(shifted).sum(-1), dist.ReduceOp.SUM, group)
+            sum_exp = _all_reduce(shifted.exp_().sum(-1), dist.ReduceOp.SUM, group)  # [C]
             lse = m + sum_exp.log()
-            target_logit, _ = shard_target_logit(logits, targets[sl], vocab_start)
             target_logit = _all_reduce(target_logit, dist.ReduceOp.SUM, group)
             logprob[sl] = target_logit - lse
             lse_all[sl] = lse
             if with_entropy:
-                # H = -sum_j p_j log p_j, summed per shard (not lse - E[z], which cancels in float32)
-                logp = logits - lse.unsqueeze(-1)
-                entropy[sl] = -_all_reduce((logp.exp() * logp).sum(-1), dist.ReduceOp.SUM, group)
-            del logits, shifted
+                entropy[sl] = sum_exp.log() - xs / sum_exp
+            del buf, shifted
         ctx.save_for_backward(hidden, weight, targets, lse_all, *( [entropy] if with_entropy else []))
         ctx.group, ctx.chunk_size, ctx.with_entropy, ctx.vocab_start, ctx.dtype = group, chunk_size, with_entropy, vocab_start, dtype
         if with_entropy:
@@ -128,7 +136,7 @@ class _FusedLogprobs(torch.autograd.Function):
             sl = slice(start, start + ctx.chunk_size)
             h = hidden[sl].to(dtype)
             logits = shard_logits(h, w, dtype)  # recomputed: [C, V_local]
-            g = grad_logits(
+            g = grad_logits_(
                 logits,
                 lse_all[sl],
                 entropy_all[sl] if entropy_all is not None else None,
@@ -138,9 +146,9 @@ class _FusedLogprobs(torch.autograd.Function):
                 grad_entropy[sl].to(dtype) if (ctx.with_entropy and grad_entropy is not None) else None,
             )
             if grad_hidden is not None:
-                grad_hidden[sl] = g @ w  # [C, H]
+                torch.mm(g, w, out=grad_hidden[sl])  # [C, H]
             if grad_weight is not None:
-                grad_weight += g.T @ h  # [V_local, H]
+                grad_weight.addmm_(g.T, h)  # [V_local, H], no temporary
             del logits, g
         if grad_hidden is not None:
             # hidden is replicated over the TP group: its gradient is the sum of every shard's part.
