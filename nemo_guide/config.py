@@ -9,6 +9,7 @@ command-line override) of each bad value, shows the value, and says the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -396,11 +397,9 @@ def _yaml_lines(path: Path) -> dict[str, int]:
                 lines[dotted] = key.start_mark.line + 1
                 walk(value, dotted + ".")
 
-    try:
-        with path.open(encoding="utf-8") as f:
-            walk(yaml.compose(f), "")
-    except yaml.YAMLError:
-        pass
+    # Best effort: a file that does not parse is reported by OmegaConf.load with its line.
+    with contextlib.suppress(yaml.YAMLError), path.open(encoding="utf-8") as f:
+        walk(yaml.compose(f), "")
     return lines
 
 

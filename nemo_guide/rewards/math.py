@@ -11,6 +11,7 @@ training step; overruns score 0.0 and are counted in :attr:`VerifierPool.stats`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -148,10 +149,8 @@ class VerifierPool:
             proc.kill()
             proc.wait(timeout=5)
             for stream in (proc.stdin, proc.stdout):
-                try:
+                with contextlib.suppress(OSError):  # the pipe of a killed worker may already be broken
                     stream.close()
-                except OSError:
-                    pass
             self._workers[slot] = None
 
     def close(self) -> None:
