@@ -11,15 +11,12 @@ import torch
 
 
 def _group_index(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Dense indices ``0..K-1`` for the valid group ids. Returns ``(valid [N], index [N], K)``."""
-    valid = group >= 0
-    _, index = torch.unique(torch.where(valid, group, group.new_full((), -1)), return_inverse=True)
-    # torch.unique sorts, so id -1 (if present) took index 0: shift it out.
-    if (~valid).any():
-        index = index - 1
-    index = torch.where(valid, index, torch.zeros_like(index))
-    num_groups = int(index[valid].max().item()) + 1 if valid.any() else 0
-    return valid, index, num_groups
+    """Dense indices for the group ids. Returns ``(valid [N], index [N], K)``.
+
+    All negative ids share one slot; it holds no valid row, so its statistics are unused.
+    """
+    ids, index = torch.unique(group.clamp(min=-1), return_inverse=True)
+    return group >= 0, index, ids.numel()
 
 
 def _group_stats(rewards: torch.Tensor, group: torch.Tensor):

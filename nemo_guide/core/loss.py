@@ -182,16 +182,17 @@ def shape_ratios(
 
 
 def _ratio_stats(prefix: str, ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor, total: torch.Tensor) -> dict:
+    """Token fraction, clip fraction and ratio mean/min/max over ``mask`` (NaN when empty); no host sync."""
     n = mask.sum()
-    nan = torch.full((), float("nan"), dtype=ratio.dtype, device=ratio.device)
     has = n > 0
-    sel = ratio[mask]
+    nan = torch.full((), float("nan"), dtype=ratio.dtype, device=ratio.device)
+    inf = torch.full((), float("inf"), dtype=ratio.dtype, device=ratio.device)
     return {
         f"{prefix}/token_frac": n.to(ratio.dtype) / total.clamp(min=1),
         f"{prefix}/clip_frac": (clipped & mask).sum().to(ratio.dtype) / n.clamp(min=1),
-        f"{prefix}/ratio_mean": sel.mean() if has else nan,
-        f"{prefix}/ratio_min": sel.min() if has else nan,
-        f"{prefix}/ratio_max": sel.max() if has else nan,
+        f"{prefix}/ratio_mean": torch.where(has, torch.where(mask, ratio, 0).sum() / n.clamp(min=1), nan),
+        f"{prefix}/ratio_min": torch.where(has, torch.where(mask, ratio, inf).amin(), nan),
+        f"{prefix}/ratio_max": torch.where(has, torch.where(mask, ratio, -inf).amax(), nan),
     }
 
 
@@ -305,7 +306,10 @@ def guide_policy_loss(
             metrics[f"guided/ratio_p{round(q * 100)}"] = masked_quantile(ratio, guided_mask, q, per_row=False)
         metrics["guided/frac_ratio_below_1e-3"] = (guided_mask & (ratio < TINY_RATIO)).sum().to(ratio.dtype) / guided_mask.sum().clamp(min=1)
         has_guided = guided_mask.any(-1)  # [N]
-        metrics["guided/shaping_gamma"] = (
-            gamma[has_guided].mean() if has_guided.any() else torch.full((), float("nan"), dtype=ratio.dtype, device=ratio.device)
+        num_guided_rows = has_guided.sum()
+        metrics["guided/shaping_gamma"] = torch.where(
+            num_guided_rows > 0,
+            torch.where(has_guided, gamma, 0).sum() / num_guided_rows.clamp(min=1),
+            torch.full((), float("nan"), dtype=ratio.dtype, device=ratio.device),
         )
     return loss, metrics
