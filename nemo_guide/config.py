@@ -188,6 +188,9 @@ class DataConfig(_Section):
     """Longest prompt (hinted prompts included); longer ones are an error, never cut."""
     eval_limit: int | None = None
     """Evaluate on the first N held-out records only (None: all)."""
+    reward: Literal["auto", "math", "exact"] = "auto"
+    """Verifier: ``math`` (math-verify on the last \\boxed{} or <answer>), ``exact`` (text after the
+    last ``A:``), ``auto`` (exact for builtin: tasks, else math)."""
 
     def check(self) -> list[str]:
         p: list[str] = []
@@ -203,6 +206,8 @@ class DataConfig(_Section):
                     p.append(f"{s}.hint_template must contain {{{name}}} exactly once: {self.hint_template[:80]!r}")
         if self.max_prompt_tokens < 1:
             p.append(f"{s}.max_prompt_tokens = {self.max_prompt_tokens}: must be >= 1")
+        if self.reward not in ("auto", "math", "exact"):
+            p.append(f"{s}.reward = {self.reward!r}: choose 'auto', 'math' or 'exact'")
         if self.eval_limit is not None and self.eval_limit < 1:
             p.append(f"{s}.eval_limit = {self.eval_limit}: must be >= 1 or null")
         return p

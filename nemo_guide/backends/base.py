@@ -1,0 +1,152 @@
+"""The ``PolicyBackend`` protocol and the dual-context rollout batch (DESIGN section 3).
+
+The loop (``nemo_guide/loop.py``) sees only this protocol; the embedded torch backend
+and the Megatron backend implement it. A backend owns the model, the tokenizer, the
+optimizer and the frozen reference policy; every algorithmic decision stays in
+``nemo_guide.core`` and the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+
+Context = Literal["plain", "sample"]
+"""Which prompt the response tokens are scored behind: the plain prompt or the one it was sampled with."""
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """``N`` rollouts, plain and guided, with everything the update needs.
+
+    Token ids are Python lists (ragged); per-rollout values are tensors of Shape ``[N]``;
+    per-token values are tensors of Shape ``[N, L]`` aligned on response positions
+    (``L`` = the longest response), left-aligned, ``loss_mask`` True where a token counts.
+    """
+
+    plain_prompt_ids: list[list[int]]
+    """The prompt without hint, after the chat template."""
+    sample_prompt_ids: list[list[int]]
+    """The prompt the response was sampled with (the hinted one for guided rollouts)."""
+    response_ids: list[list[int]]
+    """Sampled tokens, ending with EOS when the model stopped."""
+    guided: torch.Tensor
+    """Shape: ``[N]``, bool."""
+    group: torch.Tensor
+    """Shape: ``[N]``, long: the prompt index in the step's batch (-1: in no group)."""
+    rewards: torch.Tensor
+    """Shape: ``[N]``, float."""
+    loss_mask: torch.Tensor
+    """Shape: ``[N, L]``, bool: response tokens of rollouts that are trained on."""
+    advantages: torch.Tensor | None = None
+    """Shape: ``[N]``."""
+    old_logprobs: torch.Tensor | None = None
+    """log pi_old(response | context per ``algorithm.old_logprob_context``). Shape: ``[N, L]``."""
+    ref_logprobs: torch.Tensor | None = None
+    """log pi_ref(response | plain prompt), for the KL term. Shape: ``[N, L]``."""
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def response_length(self) -> int:
+        """``L``."""
+        return self.loss_mask.shape[1]
+
+    def prompts(self, context: Context) -> list[list[int]]:
+        return self.plain_prompt_ids if context == "plain" else self.sample_prompt_ids
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> "RolloutBatch":
+        """The rollouts at ``index`` (same ``L``)."""
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        rows = idx.tolist()
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in rows]
+            else:
+                out[f.name] = value[idx.to(value.device)]
+        return RolloutBatch(**out)
+
+    def to_device(self, device: torch.device | str) -> "RolloutBatch":
+        """The same batch with its tensors on ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def with_(self, **changes) -> "RolloutBatch":
+        return replace(self, **changes)
+
+
+LossFn = Callable[["RolloutBatch", torch.Tensor, "torch.Tensor | None", "RolloutBatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(micro_batch, logprobs [n, L], entropy [n, L] | None, mini_batch) -> (loss, metrics)``.
+
+Called once per micro-batch; the backend sums the returned losses' gradients over the
+micro-batches of one mini-batch, so the loss must already carry the micro-batch's share
+of the mini-batch (see ``nemo_guide.loop.micro_share``)."""
+
+
+@runtime_checkable
+class PolicyBackend(Protocol):
+    """What the training loop needs from a policy implementation."""
+
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text (already templated) to token ids, special tokens as the model expects."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Response ids to text, without special tokens."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One response per prompt from the current policy (which is pi_old for this step).
+
+        Returns ``(responses, finished)``; deterministic for a given ``seed``.
+        """
+
+    def logprobs(
+        self,
+        batch: RolloutBatch,
+        context: Context,
+        *,
+        reference: bool = False,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(response token | prompt of ``context``, earlier response tokens), no gradient.
+
+        ``reference=True`` scores with the frozen reference policy. Returns
+        ``(logprobs [N, L], entropy [N, L] | None)``, zero where ``loss_mask`` and the
+        response are padding.
+        """
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a mini-batch), scored behind the plain prompt.
+
+        Micro-batches of ``micro_batch_size`` rollouts accumulate gradients; then the
+        gradient norm is clipped and the optimizer steps. A non-finite loss or gradient
+        skips the step (``optim/skipped = 1``) instead of corrupting the weights.
+        Returns the reduced loss metrics plus ``optim/grad_norm``, ``optim/lr`` and
+        ``optim/skipped``.
+        """
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the current weights as the reference policy (for the KL term)."""
+
+    def save(self, directory: Path) -> None:
+        """Write weights (safetensors) and optimizer state into ``directory`` (which exists)."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote."""

@@ -1,0 +1,142 @@
+"""Model adapters of the torch backend: the built-in tiny decoder and Hugging Face causal LMs.
+
+An adapter gives the backend four things: tokenization (``encode``/``decode``, pad and
+EOS ids), final hidden states for a padded batch (``hidden``), the output-layer weight
+(``output_weight``, ``[V, H]``, so log-probs go through ``fused_logprobs`` without
+``[N, L, V]`` logits) and a sampling step with a KV cache (``step``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny
+
+BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors"}
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting real tokens only. Shape: ``[B, S] -> [B, S]``."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TinyAdapter:
+    kind = "builtin"
+
+    def __init__(self, model: TinyDecoder, source: str, metadata: dict[str, str] | None = None) -> None:
+        self.model = model
+        self.tokenizer = CharTokenizer()
+        self.source = source
+        self.metadata = metadata or {}
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_ids = (self.tokenizer.eos_token_id,)
+        if model.cfg.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"{source}: vocab_size {model.cfg.vocab_size} does not match the character tokenizer's {self.tokenizer.vocab_size}")
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def hidden(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(ids, mask)[0]
+
+    def output_weight(self, model: nn.Module) -> torch.Tensor:
+        return model.output_weight
+
+    def step(self, model: nn.Module):
+        def fn(ids: torch.Tensor, mask: torch.Tensor, cache: Any):
+            hidden, cache = model(ids, mask, cache)
+            return hidden[:, -1] @ model.output_weight.T, cache
+
+        return fn
+
+
+class HFAdapter:
+    kind = "hf"
+
+    def __init__(self, directory: str, dtype: torch.dtype, device: torch.device) -> None:
+        try:
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError("Hugging Face models need the 'hf' extra: pip install 'nemo-guide[hf]'") from exc
+        path = Path(directory)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backend.model = {directory!r}: not a Hugging Face model directory (no config.json); "
+                "give a local directory with config.json, safetensors weights and a tokenizer, or builtin:tiny"
+            )
+        self.source = directory
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        kwargs = {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+        # use_safetensors: never unpickle a .bin checkpoint.
+        self.model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs).to(device)
+        config = self.model.config
+        if getattr(config, "final_logit_softcapping", None):
+            raise ValueError(f"{directory}: final_logit_softcapping is not supported by the fused log-prob path")
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"{directory}: an output layer with a bias is not supported by the fused log-prob path")
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        self.eos_ids = tuple(sorted(e for e in eos if e is not None))
+        if not self.eos_ids:
+            raise ValueError(f"{directory}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.eos_ids[0] if pad is None else pad
+        self.max_length = int(getattr(config, "max_position_embeddings", 1 << 30))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def hidden(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = model.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask), use_cache=False)
+        return out[0]
+
+    def output_weight(self, model: nn.Module) -> torch.Tensor:
+        return model.get_output_embeddings().weight
+
+    def step(self, model: nn.Module):
+        def fn(ids: torch.Tensor, mask: torch.Tensor, cache: Any):
+            positions = positions_from_mask(mask)[:, -ids.shape[1]:]
+            out = model(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1], out.past_key_values
+
+        return fn
+
+
+def load_adapter(name: str, dtype: torch.dtype, device: torch.device):
+    """``builtin:tiny``, a ``.safetensors`` file written by the tiny model, or an HF directory."""
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
+        path = Path(__file__).resolve().parents[2] / "assets" / BUILTIN_MODELS[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart` (see README)")
+        model, meta = load_tiny(path)
+        return TinyAdapter(model.to(device=device, dtype=dtype), name, meta)
+    if name.endswith(".safetensors"):
+        model, meta = load_tiny(name)
+        return TinyAdapter(model.to(device=device, dtype=dtype), name, meta)
+    return HFAdapter(name, dtype, device)

@@ -1,0 +1,112 @@
+"""Batched autoregressive sampling with a KV cache (temperature, top-p, EOS, length limit).
+
+The model is reached through one callable, ``step(input_ids, attention_mask, cache) ->
+(last_logits, cache)``, so the built-in decoder and any Hugging Face causal LM share this
+loop. Prompts are left-padded; ``attention_mask`` marks real tokens, and the model derives
+positions from it. Randomness comes only from the ``generator`` argument, so a fixed seed
+reproduces the same rollouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, P], mask [B, P])``: sequences right-aligned, ``mask`` True on real tokens."""
+    if not sequences:
+        raise ValueError("no sequences to pad")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq):] = True
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, L], mask [B, L])``: sequences left-aligned, padded to ``width`` (default: longest)."""
+    width = max((len(s) for s in sequences), default=0) if width is None else width
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        if len(seq) > width:
+            raise ValueError(f"sequence {i} has {len(seq)} tokens, more than the width {width}")
+        if len(seq):
+            ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, : len(seq)] = True
+    return ids.to(device), mask.to(device)
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the nucleus of mass ``top_p`` set to -inf. Shape: ``[B, V]``.
+
+    The most likely token always stays, so no row becomes empty.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V] mass of strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy (``temperature == 0``) or sampled next tokens. Shape: ``[B, V] -> [B]``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(logits.float() / temperature, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    step: StepFn,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[list[int]], list[bool]]:
+    """Sample one response per prompt.
+
+    Returns:
+        ``(responses, finished)``: response token ids (ending with the EOS token when the
+        model stopped) and whether each response ended with EOS before ``max_new_tokens``.
+    """
+    if not eos_ids:
+        raise ValueError("generation needs at least one EOS token id")
+    ids, mask = left_pad(prompts, pad_id, device)
+    logits, cache = step(ids, mask, None)  # [B, V]
+    eos = torch.as_tensor(list(eos_ids), device=device)
+    batch = ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    length = torch.zeros(batch, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        tok = next_tokens(logits, temperature, top_p, generator)  # [B]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out[:, t] = tok
+        length += (~done).long()
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
+        mask = torch.cat([mask, torch.ones_like(done)[:, None]], dim=1)  # [B, S + 1]
+        logits, cache = step(tok[:, None], mask, cache)
+    out, length, done = out.cpu(), length.cpu(), done.cpu()
+    responses = [out[i, : int(length[i])].tolist() for i in range(batch)]
+    return responses, done.tolist()
