@@ -21,3 +21,68 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONF = REPO / "conf" / "tiny_cpu.yaml"
+# A few-step version of the main job: small batches, a short held-out prefix.
+SMALL = [
+    "data.prompt_batch_size=4",
+    "algorithm.group_size=4",
+    "data.eval_limit=8",
+    "run.eval_every=0",
+    "run.save_every=0",
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    """conf/tiny_cpu.yaml made small, writing under ``tmp_path``."""
+    from nemo_guide.config import load_config
+
+    return load_config(TINY_CONF, [*SMALL, f"run.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *overrides: tiny_config(tmp_path, *overrides)
+
+
+def build_char_tokenizer_dir(path):
+    """A character-level Hugging Face fast tokenizer (pad/eos/unk + printable ASCII), saved to ``path``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<eos>", "<unk>"] + [chr(c) for c in range(32, 127)]
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast, len(chars)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A randomly initialised Qwen2-architecture causal LM (2 layers, GQA, QKV bias), built from a config."""
+    pytest.importorskip("transformers")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen2_tiny")
+    fast, vocab = build_char_tokenizer_dir(path)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path

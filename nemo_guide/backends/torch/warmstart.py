@@ -24,7 +24,7 @@ from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecode
 from nemo_guide.data import digit_ops
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny_digit_ops.safetensors"
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 2500
 DEFAULT_BATCH = 64
 DEFAULT_LR = 2e-3
 
@@ -134,7 +134,7 @@ def build_warmstart(
     accuracy = probe_accuracy(model)
     log("warmstart greedy accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
     record = {
-        "command": f"nemo-guide warmstart --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
+        "command": f"nemo-guide warmstart --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
