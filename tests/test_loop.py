@@ -1,0 +1,244 @@
+"""Algorithm 1 end to end on the embedded backend: the main job in short, contexts, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from nemo_guide.backends.torch.backend import TorchBackend
+from nemo_guide.cli import main, make_backend
+from nemo_guide.data.records import Record, write_records
+from nemo_guide.loop import PromptSampler, RunError, train
+from nemo_guide.tracking import read_metrics
+
+EXPECTED_METRICS = {
+    "train/reward",
+    "train/reward_guided",
+    "train/guided_frac",
+    "train/entropy",
+    "train/response_length",
+    "loss/policy",
+    "plain/ratio_mean",
+    "guided/ratio_p50",
+    "guided/frac_ratio_below_1e-3",
+    "perf/tokens_per_s",
+    "time/generation",
+    "time/scoring",
+    "time/logprobs",
+    "time/update",
+}
+
+
+def run(cfg, backend=None):
+    return train(cfg, backend or make_backend(cfg), progress=False, log=lambda s: None)
+
+
+def test_main_job_short(tiny_cfg):
+    cfg = tiny_cfg("run.steps=3", "run.save_every=2")
+    summary = run(cfg)
+    run_dir = cfg.run.run_dir
+    for key in ("steps", "wall_seconds", "train_reward_first", "train_reward_last", "eval_before", "eval_after"):
+        assert summary[key] is not None, key
+    assert summary["steps"] == 3
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert EXPECTED_METRICS <= set(rows[1])
+    assert (run_dir / "training_curves.png").stat().st_size > 10_000
+    assert any((run_dir / "tensorboard").iterdir())
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000003"]
+    assert {p.name for p in (run_dir / "checkpoints" / "step_000003").iterdir()} == {
+        "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"}
+    # The warm-started policy solves known operators and fails novel ones before training.
+    before = summary["eval_before_detail"]
+    assert before["eval/pass1_known"] >= 0.75 and before["eval/pass1_novel"] <= 0.25
+
+
+class Spy:
+    """Wraps a backend; records what the loop hands to train_step and the log-probs the loss sees."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seen = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train_step(self, batch, loss_fn, **kwargs):
+        def spying(micro, logprobs, entropy, mini):
+            self.seen.append((micro, logprobs.detach().clone()))
+            return loss_fn(micro, logprobs, entropy, mini)
+
+        return self.inner.train_step(batch, spying, **kwargs)
+
+
+def _direct(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    hidden, _ = model(ids, torch.ones_like(ids, dtype=torch.bool))
+    logp = F.log_softmax(hidden[0] @ model.output_weight.T, dim=-1)
+    return torch.stack([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(response)])
+
+
+def test_loop_contexts_token_for_token(tiny_cfg):
+    """For a guided rollout: old log-probs = a direct forward on hinted prompt + response,
+    new log-probs = a direct forward on plain prompt + response."""
+    cfg = tiny_cfg("run.steps=1", "algorithm.guidance_threshold=always", "optim.micro_batch_size=5", "data.eval_limit=1")
+    backend = make_backend(cfg)
+    weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    spy = Spy(backend)
+    run(cfg, spy)
+    # Score with the weights the loop used (pi_old = the weights before the update).
+    backend.model.load_state_dict(weights)
+    guided_rows = 0
+    for micro, new in spy.seen:
+        for i in range(len(micro)):
+            resp = micro.response_ids[i]
+            n = len(resp)
+            if micro.guided[i]:
+                guided_rows += 1
+                assert micro.sample_prompt_ids[i] != micro.plain_prompt_ids[i]
+                assert backend.decode(micro.sample_prompt_ids[i]).startswith("H:")
+            old_ref = _direct(backend.model, micro.sample_prompt_ids[i], resp)
+            new_ref = _direct(backend.model, micro.plain_prompt_ids[i], resp)
+            torch.testing.assert_close(micro.old_logprobs[i, :n], old_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(new[i, :n], new_ref, atol=1e-5, rtol=1e-5)
+            assert micro.loss_mask[i, :n].all() and not micro.loss_mask[i, n:].any()
+            if micro.guided[i]:  # the hint changes the denominator somewhere
+                assert not torch.allclose(old_ref, new_ref)
+    assert guided_rows == 4 * 4  # every prompt guided, k = 4
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_cfg, monkeypatch):
+    common = ("run.steps=4", "run.save_every=2", "data.eval_limit=4")
+    full_cfg = tiny_cfg(*common, "run.name=full")
+    run(full_cfg)
+
+    killed_cfg = tiny_cfg(*common, "run.name=killed")
+    import nemo_guide.loop as loop_module
+
+    original = loop_module.MetricsLogger.log
+
+    def log_then_die(self, step, metrics):
+        original(self, step, metrics)
+        if step == 3:
+            raise KeyboardInterrupt  # killed after step 3, whose checkpoint was never written
+
+    monkeypatch.setattr(loop_module.MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(killed_cfg)
+    monkeypatch.setattr(loop_module.MetricsLogger, "log", original)
+    assert [r["step"] for r in read_metrics(killed_cfg.run.run_dir)] == [0, 1, 2, 3]
+
+    resumed_cfg = tiny_cfg(*common, "run.name=killed", "run.resume=true")
+    summary = run(resumed_cfg)
+    assert summary["steps"] == 4
+    full_rows = read_metrics(full_cfg.run.run_dir)
+    resumed_rows = read_metrics(killed_cfg.run.run_dir)
+    assert [r["step"] for r in resumed_rows] == [0, 1, 2, 3, 4]
+    assert _comparable(resumed_rows) == _comparable(full_rows)
+    a = load_file(full_cfg.run.run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    b = load_file(killed_cfg.run.run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config(tiny_cfg):
+    run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
+    with pytest.raises(RunError, match=r"(?s)another config.*algorithm.group_size: 4 -> 2"):
+        run(tiny_cfg("run.steps=2", "data.eval_limit=1", "run.resume=true", "algorithm.group_size=2"))
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_cfg):
+    run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
+    with pytest.raises(RunError, match=r"(?s)already holds a run.*run.resume=true"):
+        run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
+    with pytest.raises(RunError, match="no checkpoint"):
+        run(tiny_cfg("run.steps=1", "run.name=other", "run.resume=true"))
+
+
+def test_records_without_hints_are_an_error_when_guiding(tiny_cfg, tmp_path):
+    data = tmp_path / "nohint.jsonl"
+    write_records(data, [Record("a", "Q:12+34=", "46", hint="+=1a+1b"), Record("b", "Q:13+34=", "47"), Record("c", "Q:14+34=", "48")])
+    cfg = tiny_cfg("run.steps=1", f"data.train={data}", "data.reward=exact")
+    with pytest.raises(RunError, match=r"(?s)2 unusable.*'b' has no hint.*'c' has no hint.*nemo-guide hints"):
+        run(cfg)
+    assert not (cfg.run.run_dir / "checkpoints").exists()
+    # The same data trains with GRPO (no hints needed).
+    run(tiny_cfg("run.steps=1", f"data.train={data}", "data.reward=exact", "algorithm.mode=grpo", "run.name=grpo"))
+
+
+def test_overlong_prompt_is_an_error(tiny_cfg, tmp_path):
+    data = tmp_path / "long.jsonl"
+    write_records(data, [Record("long", "Q:" + "1" * 100 + "+2=", "3", hint="h")])
+    with pytest.raises(RunError, match=r"'long'.*103 tokens, more than 64"):
+        run(tiny_cfg("run.steps=1", f"data.train={data}"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("algorithm.mode=grpo",),
+        ("algorithm.mode=filter_grpo",),
+        ("algorithm.mode=sft",),
+        ("algorithm.guided_group=replace", "algorithm.shaping=percentile", "algorithm.shaping_scope=rollout"),
+        ("algorithm.old_logprob_context=plain", "algorithm.kl_coef=0.01", "algorithm.ppo_epochs=2", "optim.mini_batch_size=8"),
+        ("algorithm.guidance_threshold=mostly_incorrect", "algorithm.aggregation=paper", "algorithm.entropy_coef=0.01"),
+    ],
+)
+def test_modes_run(tiny_cfg, overrides):
+    cfg = tiny_cfg("run.steps=2", "data.eval_limit=2", *overrides)
+    summary = run(cfg)
+    rows = read_metrics(cfg.run.run_dir)
+    assert summary["steps"] == 2 and rows[-1]["step"] == 2
+    assert rows[-1]["optim/skipped"] == 0
+    if cfg.algorithm.mode == "sft":
+        assert rows[-1]["loss/sft_nll"] > 0
+    if cfg.algorithm.mode == "grpo":
+        assert rows[-1]["train/guided_frac"] == 0
+    if cfg.algorithm.ppo_epochs == 2:
+        # two epochs over 16+ rollouts in mini-batches of 8: the ratio moves away from 1
+        assert rows[-1]["plain/ratio_max"] != 1.0
+
+
+def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir):
+    cfg = tiny_cfg("run.steps=2", f"backend.model={tiny_qwen2_dir}", "data.eval_limit=2", "generation.max_new_tokens=24", "optim.lr=1e-3")
+    backend = make_backend(cfg)
+    assert isinstance(backend, TorchBackend) and backend.adapter.kind == "hf"
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    summary = run(cfg, backend)
+    assert summary["steps"] == 2
+    rows = read_metrics(cfg.run.run_dir)
+    assert all(r["optim/skipped"] == 0 for r in rows[1:])
+    assert rows[1]["train/guided_frac"] > 0  # the random policy fails, so prompts are guided
+    changed = [k for k, v in backend.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert len(changed) == len(before)
+
+
+def test_prompt_sampler_epochs_and_state():
+    s = PromptSampler(5, seed=1)
+    first = s.next(3) + s.next(3)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and s.state() == {"epoch": 1, "position": 1}
+    resumed = PromptSampler(5, seed=1, **s.state())
+    assert resumed.next(4) == s.next(4)
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    from conftest import SMALL, TINY_CONF
+
+    args = ["train", str(TINY_CONF), *SMALL, "run.steps=1", "data.eval_limit=2", f"run.output_dir={tmp_path}", "--no-progress"]
+    assert main(args) == 0
+    ckpt = tmp_path / "tiny_cpu" / "checkpoints" / "step_000001"
+    assert ckpt.is_dir()
+    capsys.readouterr()
+    assert main(["eval", str(TINY_CONF), f"checkpoint={ckpt}", "data.eval_limit=4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval/problems"] == 4 and 0 <= result["eval/pass1"] <= 1
+    # Bad input: a clear error and exit code 2.
+    assert main(["train", str(TINY_CONF), "algorithm.group_sise=4"]) == 2
+    assert "did you mean 'algorithm.group_size'" in capsys.readouterr().err
