@@ -462,7 +462,7 @@ def train(cfg: Config, backend: PolicyBackend, *, progress: bool = True, log: Ca
                 "perf/tokens_per_s": gen_tokens / max(1e-9, timings["generation"]),
                 **{f"time/{key}": v for key, v in timings.items()},
             }
-            metrics.update(_mean_metrics(update_metrics))
+            metrics.update(_mean_metrics(update_metrics) if update_metrics else {"optim/skipped": 0.0, "optim/updates": 0.0})
             history.setdefault("train_reward_first", metrics["train/reward"])
             history["train_reward_last"] = metrics["train/reward"]
             if run.eval_every and step % run.eval_every == 0 and step < run.steps:
@@ -501,7 +501,7 @@ def _write(bar, log: Callable[[str], None], message: str) -> None:
 
 def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     """Average the metrics of several optimizer steps (min/max keys reduce by min/max)."""
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"optim/updates": float(len(parts))}
     for key in sorted({k for p in parts for k in p}):
         values = [p[key] for p in parts if key in p and p[key] == p[key]]
         if not values:

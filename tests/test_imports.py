@@ -49,3 +49,23 @@ def test_layers_import_downwards_only(layer):
             if name.startswith("nemo_guide."):
                 assert any(name == a or name.startswith(a + ".") for a in ALLOWED[layer]), f"{path}: imports {name}"
             assert name.split(".")[0] not in HEAVY, f"{path}: imports {name}"
+
+
+def _package_imports(path: Path) -> set[str]:
+    return {n for n in _imports(path) if n.startswith("nemo_guide")}
+
+
+def test_backends_do_not_import_the_loop_or_entry_points():
+    for path in (PACKAGE / "backends").rglob("*.py"):
+        for name in _package_imports(path):
+            assert not name.startswith(("nemo_guide.loop", "nemo_guide.cli")), f"{path}: imports {name}"
+
+
+def test_only_entry_points_pick_a_backend():
+    # The loop sees the PolicyBackend protocol (backends.base), never a concrete backend.
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "backends" or rel.name in ("cli.py", "train_megatron.py"):
+            continue
+        for name in _package_imports(path):
+            assert not name.startswith(("nemo_guide.backends.torch", "nemo_guide.backends.megatron")), f"{path}: imports {name}"
