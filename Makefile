@@ -26,7 +26,10 @@ install: $(VENV)/.installed
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The main job. It replaces the previous demo run (runs/tiny_cpu) so that it can be re-run;
+# `nemo-guide train` itself never overwrites a run directory (it asks for run.resume=true).
 train: install
+	rm -rf runs/tiny_cpu
 	$(VENV)/bin/nemo-guide train conf/tiny_cpu.yaml
 
 clean:

@@ -94,7 +94,7 @@ def plot_training(run_dir: Path, out: Path | None = None, title: str | None = No
         ax.plot(xs, ys, "o-", label="held-out pass@1 (greedy)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Accuracy without guidance")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     axes[1].plot(*series("train/entropy"))
     axes[1].set_title("Token entropy (plain rollouts)")
     axes[2].plot(*series("train/response_length"))

@@ -97,8 +97,9 @@ class PolicyBackend(Protocol):
     pad_id: int
     eos_ids: tuple[int, ...]
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt text (already templated) to token ids, special tokens as the model expects."""
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Prompt text (already templated) to token ids; ``add_special_tokens=False`` for text
+        whose template already holds them (chat templates) and for reference solutions."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Response ids to text, without special tokens."""
@@ -132,10 +133,11 @@ class PolicyBackend(Protocol):
         response are padding.
         """
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, with_entropy: bool = False) -> dict[str, float]:
         """One optimizer step on ``batch`` (a mini-batch), scored behind the plain prompt.
 
-        Micro-batches of ``micro_batch_size`` rollouts accumulate gradients; then the
+        Micro-batches of ``micro_batch_size`` rollouts accumulate gradients (``loss_fn`` gets
+        the per-token entropy too when ``with_entropy``); then the
         gradient norm is clipped and the optimizer steps. A non-finite loss or gradient
         skips the step (``optim/skipped = 1``) instead of corrupting the weights.
         Returns the reduced loss metrics plus ``optim/grad_norm``, ``optim/lr`` and
