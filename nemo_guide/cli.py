@@ -57,25 +57,87 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks(args: argparse.Namespace, cfg) -> list:
+    from nemo_guide.data.records import load_records
+    from nemo_guide.data.sources import load_split, resolve_eval
+    from nemo_guide.evaluation import Benchmark
+    from nemo_guide.loop import RunError
+
+    out = []
+    for item in args.benchmark or []:
+        name, _, path = item.rpartition("=")
+        path_obj = Path(path)
+        out.append(Benchmark(name or path_obj.stem, load_split(path, "eval") if path.startswith("builtin:") else load_records(path_obj)))
+    if not out:
+        source = resolve_eval(cfg.data.train, cfg.data.eval)
+        if source is None:
+            raise RunError("nothing to evaluate: pass --benchmark NAME=FILE.jsonl, or set data.eval in the config")
+        out.append(Benchmark(Path(source).stem if not source.startswith("builtin:") else source[len("builtin:"):], load_split(source, "eval")))
+    limit = args.limit if args.limit is not None else cfg.data.eval_limit
+    return [Benchmark(b.name, b.records[:limit]) for b in out]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from nemo_guide.data.sources import default_reward
-    from nemo_guide.loop import evaluate, load_eval_prompts
+    from nemo_guide.evaluation import SamplingSpec, evaluate_benchmarks, markdown_table, read_samples, summarize
     from nemo_guide.rewards import make_reward
 
     overrides, ckpt = _split_checkpoint(list(args.overrides))
     args.overrides = overrides
     cfg = _load(args)
+    benchmarks = _benchmarks(args, cfg)
     backend = make_backend(cfg)
     if ckpt is not None:
         backend.load(Path(ckpt), weights_only=True)
-    prompts = load_eval_prompts(cfg, backend)
-    reward_fn = make_reward(default_reward(cfg.data.train) if cfg.data.reward == "auto" else cfg.data.reward)
+    out_dir = Path(args.out) if args.out else (Path(ckpt) / "eval" if ckpt else cfg.run.run_dir / "eval")
+    if args.reward:
+        reward_name = args.reward
+    elif cfg.data.reward != "auto":
+        reward_name = cfg.data.reward
+    elif args.benchmark:  # files: math answers; built-in tasks: exact
+        reward_name = "exact" if all(b.split("=")[-1].startswith("builtin:") for b in args.benchmark) else "math"
+    else:
+        reward_name = default_reward(cfg.data.train)
+    reward_fn = make_reward(reward_name)
+    spec = SamplingSpec(
+        n=args.n,
+        temperature=args.temperature if args.temperature is not None else cfg.generation.temperature,
+        top_p=cfg.generation.top_p,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        with_hints=args.with_hints,
+        seed=cfg.run.seed,
+    )
     try:
-        result = evaluate(backend, prompts, reward_fn, max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.eval_temperature, top_p=cfg.generation.top_p, seed=cfg.run.seed)
+        path = evaluate_benchmarks(
+            backend, benchmarks, reward_fn, spec, out_dir,
+            prompt_style=cfg.data.prompt_style, hint_template=cfg.data.hint_template, system_prompt=cfg.data.system_prompt,
+            progress=not args.no_progress,
+        )
     finally:
         reward_fn.close()
-    result["checkpoint"] = ckpt or cfg.backend.model
-    print(json.dumps(result, indent=2))
+    names = {b.name for b in benchmarks}
+    ids = {(b.name, r.id) for b in benchmarks for r in b.records}
+    rows = [r for r in read_samples(path) if r["benchmark"] in names and (r["benchmark"], str(r["id"])) in ids]
+    ks = sorted(set(args.k))
+    result = {"model": ckpt or cfg.backend.model, "samples": str(path), "n": spec.n, "temperature": spec.temperature, "unguided": summarize(rows, ks)}
+    table = markdown_table(result["unguided"], title="without hints")
+    if args.with_hints:
+        result["guided"] = summarize(rows, ks, guided=True)
+        table += "\n" + markdown_table(result["guided"], title="with hints")
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out_dir / "results.md").write_text(table, encoding="utf-8")
+    print(table)
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {path}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from nemo_guide.analysis import analyze, markdown, write_report
+
+    result = analyze(Path(args.before), Path(args.after), k=args.k, epsilon=args.epsilon, rounds=args.bootstrap, seed=args.seed)
+    paths = write_report(result, Path(args.out))
+    print(markdown(result))
+    print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
@@ -108,10 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="held-out pass@1 without hints of a checkpoint (or of backend.model)")
+    p = sub.add_parser("eval", help="pass@1 / pass@k on benchmarks (or the held-out set) of a checkpoint or backend.model")
     p.add_argument("config", help="the run's YAML config")
-    p.add_argument("overrides", nargs="*", help="checkpoint=runs/<name>/checkpoints/step_000060 and key=value overrides")
+    p.add_argument("overrides", nargs="*", help="checkpoint=runs/<name>/checkpoints/step_000120 and key=value overrides")
+    p.add_argument("--benchmark", action="append", metavar="[NAME=]FILE", help="a JSONL/Parquet file (id, problem, answer); repeatable. Default: the config's held-out set")
+    p.add_argument("--n", type=int, default=4, help="samples per problem at --temperature, besides the greedy answer (default 4)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: generation.temperature)")
+    p.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k to report (k <= n), e.g. --k 1 4 8")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (default: data.eval_limit)")
+    p.add_argument("--with-hints", action="store_true", help="also evaluate hinted prompts of records with a hint (Figure 2)")
+    p.add_argument("--reward", choices=["math", "exact"], default=None, help="verifier (default: the config's data.reward)")
+    p.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval or runs/<name>/eval)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("analyze", help="self-distillation vs capability gain (Eq. 1-2) from two eval sample files")
+    p.add_argument("before", help="samples.jsonl of the initial policy (nemo-guide eval; --with-hints for Figure 2)")
+    p.add_argument("after", help="samples.jsonl of the trained policy")
+    p.add_argument("--k", type=int, default=8, help="effective k: the training group size (default 8)")
+    p.add_argument("--epsilon", type=float, default=0.01, help="relative pass@k gain below which k_abs is reached (Appendix C)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the curves' 95%% bands")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")

@@ -250,9 +250,10 @@ def test_cli_train_and_eval(tmp_path, capsys):
     ckpt = tmp_path / "tiny_cpu" / "checkpoints" / "step_000001"
     assert ckpt.is_dir()
     capsys.readouterr()
-    assert main(["eval", str(TINY_CONF), f"checkpoint={ckpt}", "data.eval_limit=4"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["eval/problems"] == 4 and 0 <= result["eval/pass1"] <= 1
+    assert main(["eval", str(TINY_CONF), f"checkpoint={ckpt}", "data.eval_limit=4", "--n", "2", "--no-progress"]) == 0
+    assert "| pass@1 (greedy) |" in capsys.readouterr().out
+    result = json.loads((ckpt / "eval" / "results.json").read_text())
+    assert result["model"] == str(ckpt) and result["unguided"]["micro"]["problems"] == 4
     # Bad input: a clear error and exit code 2.
     assert main(["train", str(TINY_CONF), "algorithm.group_sise=4"]) == 2
     assert "did you mean 'algorithm.group_size'" in capsys.readouterr().err
