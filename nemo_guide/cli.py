@@ -141,6 +141,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hints(args: argparse.Namespace) -> int:
+    from nemo_guide.hintgen import HintClientConfig, run_hints
+
+    cfg = HintClientConfig(
+        base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+        max_retries=args.max_retries, timeout_s=args.timeout, temperature=args.temperature, on_leak=args.on_leak,
+    )
+    counts = run_hints(Path(args.input), Path(args.output), cfg, progress=not args.no_progress)
+    print(json.dumps(counts, indent=2))
+    return 1 if counts["failed"] else 0
+
+
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     import torch
 
@@ -193,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("hints", help="generate hints from reference solutions (Appendix G) via a chat-completions API")
+    p.add_argument("input", help="records with 'solution' (JSONL/Parquet)")
+    p.add_argument("output", help="JSONL of records with 'hint', appended as they finish (rerun to resume)")
+    p.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
+    p.add_argument("--model", required=True)
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key (never logged)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--on-leak", choices=["flag", "reject"], default="flag", help="a reply stating the final answer: keep it flagged, or reject it")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_hints)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")

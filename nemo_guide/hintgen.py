@@ -1,0 +1,222 @@
+"""Hint generation from reference solutions through an OpenAI-compatible chat-completions API.
+
+``nemo-guide hints IN.jsonl OUT.jsonl --base-url URL --model NAME`` sends every record
+with a ``solution`` to ``POST {base_url}/chat/completions`` with the tutor prompt of the
+paper's Appendix G, checks the reply (3-5 numbered hints; the final answer not stated
+verbatim) and appends the record with its ``hint`` to ``OUT.jsonl`` as soon as it is
+done. A rerun skips the ids already in ``OUT.jsonl``, so a crash loses nothing finished.
+Requests run concurrently (``concurrency``), retry with exponential backoff on 429, 5xx,
+timeouts, connection errors and malformed replies (``Retry-After`` is honoured), and give
+up after ``max_retries``; records that failed or were rejected go to
+``OUT.jsonl.rejected.jsonl`` with the reason and are tried again on the next run. The API
+key is read from an environment variable and never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nemo_guide.data.records import Record, load_records
+
+# Paper, Appendix G (the instruction given to GPT-4o).
+TUTOR_PROMPT = (
+    "You are an expert math tutor with years of experience helping students understand difficult concepts "
+    "without solving problems for them. Your task is to analyze a math problem and its reference solution, then "
+    "create a series of helpful hints that guide the student toward discovering the solution independently.\n"
+    "[question]: {question}\n"
+    "[reference_answer]: {reference_answer}\n"
+    "When creating hints, follow these principles:\n"
+    "- Start with conceptual hints that point to relevant mathematical principles\n"
+    "- Progress to more specific strategic hints about approach\n"
+    "- Offer guidance on potential roadblocks without revealing key steps\n"
+    "- Never provide direct calculations or formulas that would bypass the student's own reasoning\n"
+    "- Include 3-5 hints in ascending order of directness\n"
+    "[guidance]:\n"
+    "1. [Conceptual hint focusing on relevant mathematical principles]\n"
+    "2. [Strategic hint about approach without revealing steps]\n"
+    "3. [Hint addressing common misconception or roadblock]\n"
+    "4. [More direct hint if needed]\n"
+    "5. [Final hint that guides toward the solution method without providing it]"
+)
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_NUMBERED = re.compile(r"^\s*(\d+)[.)]\s+\S", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class HintClientConfig:
+    base_url: str
+    """e.g. https://api.openai.com/v1 or http://localhost:8000/v1 (vLLM, SGLang, TensorRT-LLM serve)."""
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (unset: no Authorization header, for local servers)."""
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    backoff_s: float = 1.0
+    """First retry delay; doubles per retry up to ``max_backoff_s``."""
+    max_backoff_s: float = 60.0
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    on_leak: str = "flag"
+    """A reply that states the final answer: ``flag`` (keep, ``hint_flag`` set) or ``reject``."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.base_url.startswith(("http://", "https://")):
+            problems.append(f"base_url = {self.base_url!r}: must start with http:// or https://")
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
+            problems.append("concurrency >= 1, max_retries >= 0 and timeout_s > 0 are required")
+        if self.on_leak not in ("flag", "reject"):
+            problems.append(f"on_leak = {self.on_leak!r}: choose 'flag' or 'reject'")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class HintRequestError(RuntimeError):
+    """A request that failed for good (after retries, or a non-retryable status)."""
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", "", text.replace("$", "")).lower()
+
+
+def check_hint(text: str, answer: str) -> tuple[str, str | None]:
+    """``(status, reason)``: ``ok``; ``bad_format`` (not 3-5 hints numbered 1..n); ``leak``
+    (the final answer appears verbatim outside the hint numbers)."""
+    numbers = [int(m.group(1)) for m in _NUMBERED.finditer(text)]
+    if not 3 <= len(numbers) <= 5 or numbers != list(range(1, len(numbers) + 1)):
+        return "bad_format", f"expected 3-5 hints numbered 1..n, found numbering {numbers}"
+    body = _NUMBERED.sub(lambda m: m.group(0)[-1], text).replace("$", "").lower()
+    gold = _normalise(answer)
+    if gold:
+        # Whole-token match, whitespace-insensitive: an answer "2" does not match inside "12" or "x^2".
+        spaced = r"\s*".join(re.escape(ch) for ch in gold)
+        pattern = r"(?<![0-9a-z.^_{])" + spaced + r"(?![0-9a-z.^_}])"
+        if re.search(pattern, body):
+            return "leak", f"states the final answer {answer!r}"
+    return "ok", None
+
+
+def _post(cfg: HintClientConfig, payload: dict[str, Any], key: str | None) -> dict[str, Any]:
+    request = urllib.request.Request(
+        cfg.base_url.rstrip("/") + "/chat/completions",
+        data=json.dumps(payload).encode("utf-8"),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
+    """The reply text for ``record`` and the number of retries it took."""
+    prompt = TUTOR_PROMPT.replace("{question}", record.problem).replace("{reference_answer}", record.solution or "")
+    payload = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}], "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    delay = cfg.backoff_s
+    last = ""
+    for attempt in range(cfg.max_retries + 1):
+        retry_after = None
+        try:
+            body = _post(cfg, payload, key)
+            content = body["choices"][0]["message"]["content"]
+            if not isinstance(content, str) or not content.strip():
+                raise ValueError("empty content")
+            return content, attempt
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+            if exc.code not in RETRY_STATUS:
+                raise HintRequestError(f"{last} (not retried)") from None
+            header = exc.headers.get("Retry-After") if exc.headers else None
+            if header is not None:
+                try:
+                    retry_after = float(header)
+                except ValueError:
+                    retry_after = None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            last = f"connection: {getattr(exc, 'reason', exc)}"
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            last = f"malformed reply: {type(exc).__name__}"
+        if attempt < cfg.max_retries:
+            sleep(min(cfg.max_backoff_s, retry_after if retry_after is not None else delay))
+            delay = min(cfg.max_backoff_s, delay * 2)
+    raise HintRequestError(f"gave up after {cfg.max_retries + 1} attempts; last error: {last}")
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    ids = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by a crash: that record is generated again
+    return ids
+
+
+def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, *, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
+    """Generate and append hints for every record not yet in ``out``; returns the counts."""
+    out = Path(out)
+    rejected_path = out.with_name(out.name + ".rejected.jsonl")
+    missing = [r.id for r in records if not r.solution]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} record(s) have no 'solution' to derive a hint from, e.g. {missing[:5]}; "
+            "add reference solutions or filter those records out first"
+        )
+    key = os.environ.get(cfg.api_key_env) or None
+    done = _done_ids(out)
+    todo = [r for r in records if r.id not in done]
+    counts: Counter[str] = Counter(already_done=len(records) - len(todo), requested=len(todo))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="hints", unit="record", dynamic_ncols=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as ok_file, rejected_path.open("a", encoding="utf-8") as bad_file, ThreadPoolExecutor(cfg.concurrency) as pool:
+        futures = {pool.submit(request_hint, cfg, r, key, sleep): r for r in todo}
+        for future in as_completed(futures):
+            record = futures[future]
+            try:
+                text, retries = future.result()
+            except HintRequestError as exc:
+                counts["failed"] += 1
+                bad_file.write(json.dumps({"id": record.id, "status": "failed", "reason": str(exc)}) + "\n")
+                bad_file.flush()
+            else:
+                counts["retries"] += retries
+                status, reason = check_hint(text, record.answer)
+                if status == "bad_format" or (status == "leak" and cfg.on_leak == "reject"):
+                    counts[f"rejected_{status}"] += 1
+                    bad_file.write(json.dumps({"id": record.id, "status": status, "reason": reason, "reply": text}) + "\n")
+                    bad_file.flush()
+                else:
+                    counts["flagged_leak" if status == "leak" else "ok"] += 1
+                    row = {**record.to_dict(), "hint": text.strip()}
+                    if status == "leak":
+                        row["hint_flag"] = reason
+                    ok_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    ok_file.flush()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    for name in ("ok", "flagged_leak", "rejected_bad_format", "rejected_leak", "failed", "retries"):
+        counts.setdefault(name, 0)
+    return dict(counts)
+
+
+def run_hints(input_path: Path, out: Path, cfg: HintClientConfig, *, progress: bool = True) -> dict[str, int]:
+    return generate_hints(load_records(input_path), out, cfg, progress=progress)

@@ -1,0 +1,139 @@
+"""nemo-guide hints against a chat-completions server on 127.0.0.1 that misbehaves on purpose."""
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nemo_guide.cli import main
+from nemo_guide.data.records import Record, write_records
+from nemo_guide.hintgen import HintClientConfig, check_hint, generate_hints
+
+GOOD = "1. Think about parity.\n2. Consider small cases.\n3. Look for an invariant."
+
+
+class Server:
+    """Replies per problem text: a script of behaviours, one per request, the last repeating."""
+
+    def __init__(self, scripts):
+        self.scripts = scripts
+        self.calls = Counter()
+        self.auth = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.auth.append(self.headers.get("Authorization"))
+                prompt = body["messages"][0]["content"]
+                pid = next(p for p in server.scripts if f"[question]: problem {p}\n" in prompt)
+                script = server.scripts[pid]
+                action = script[min(server.calls[pid], len(script) - 1)]
+                server.calls[pid] += 1
+                if action == "slow":
+                    time.sleep(1.0)
+                    action = GOOD
+                if action in (429, 500, 400):
+                    self.send_response(action)
+                    if action == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                payload = b"{not json" if action == "malformed" else json.dumps({"choices": [{"message": {"role": "assistant", "content": action}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _records(ids):
+    return [Record(i, f"problem {i}", "17", solution=f"solution of {i}, answer 17") for i in ids]
+
+
+def _cfg(url, **kw):
+    return HintClientConfig(base_url=url, model="tutor", api_key_env="TEST_HINT_KEY", concurrency=3, max_retries=3, timeout_s=0.5, backoff_s=0.01, **kw)
+
+
+def test_check_hint():
+    assert check_hint(GOOD, "17") == ("ok", None)
+    assert check_hint("1. a\n2. b", "17")[0] == "bad_format"
+    assert check_hint("1. a\n2. b\n3. c\n4. d\n5. e\n6. f", "17")[0] == "bad_format"
+    assert check_hint("1. a\n3. b\n4. c", "17")[0] == "bad_format"
+    assert check_hint("1. a\n2. b\n3. so the answer is $17$", "17")[0] == "leak"
+    assert check_hint("1. a\n2. b\n3. try 170 or x_17", "17")[0] == "ok"  # not the answer as a token
+    assert check_hint("1. think\n2. about\n3. it", "3")[0] == "ok"  # hint numbers are not the answer
+
+
+def test_failures_retries_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_HINT_KEY", "sk-secret-123")
+    server = Server({
+        "ok": [GOOD],
+        "rate": [429, 429, GOOD],
+        "boom": [500, GOOD],
+        "garbled": ["malformed", GOOD],
+        "slow": ["slow", GOOD],
+        "leaky": ["1. a\n2. b\n3. the answer is 17"],
+        "short": ["1. only one\n2. two"],
+        "dead": [500],
+        "bad_request": [400],
+    })
+    try:
+        out = tmp_path / "hinted.jsonl"
+        records = _records(list(server.scripts))
+        counts = generate_hints(records, out, _cfg(server.url), progress=False)
+        assert counts["ok"] == 5 and counts["flagged_leak"] == 1
+        assert counts["rejected_bad_format"] == 1 and counts["failed"] == 2
+        assert counts["retries"] >= 5  # 2 x 429, 500, malformed, timeout
+        rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert set(rows) == {"ok", "rate", "boom", "garbled", "slow", "leaky"}
+        assert rows["ok"]["hint"] == GOOD and rows["ok"]["solution"] == "solution of ok, answer 17"
+        assert "hint_flag" in rows["leaky"] and "hint_flag" not in rows["ok"]
+        rejected = [json.loads(line) for line in (tmp_path / "hinted.jsonl.rejected.jsonl").read_text().splitlines()]
+        assert {r["id"]: r["status"] for r in rejected} == {"short": "bad_format", "dead": "failed", "bad_request": "failed"}
+        assert server.calls["bad_request"] == 1  # a 400 is not retried
+        assert server.calls["dead"] == 4  # 1 + max_retries
+        assert set(server.auth) == {"Bearer sk-secret-123"}
+        assert "sk-secret" not in out.read_text() + (tmp_path / "hinted.jsonl.rejected.jsonl").read_text()
+        # Rerun: finished ids are not requested again; unfinished ones are.
+        before = Counter(server.calls)
+        counts = generate_hints(records, out, _cfg(server.url), progress=False)
+        assert counts["already_done"] == 6 and counts["requested"] == 3
+        assert all(server.calls[i] == before[i] for i in rows)
+        # A crash mid-write leaves a cut line: that record is generated again, nothing else.
+        text = out.read_text()
+        out.write_text(text[: text.rindex("{") + 10])
+        counts = generate_hints(records, out, _cfg(server.url, on_leak="reject"), progress=False)
+        assert counts["already_done"] == 5
+    finally:
+        server.close()
+
+
+def test_records_without_solution_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no 'solution'.*'b'"):
+        generate_hints([*_records(["a"]), Record("b", "p", "1")], tmp_path / "o.jsonl", _cfg("http://127.0.0.1:9"), progress=False)
+
+
+def test_cli_hints(tmp_path, capsys):
+    server = Server({"x": [GOOD]})
+    try:
+        src = tmp_path / "in.jsonl"
+        write_records(src, _records(["x"]))
+        rc = main(["hints", str(src), str(tmp_path / "out.jsonl"), "--base-url", server.url, "--model", "m", "--no-progress"])
+        assert rc == 0
+        assert json.loads(capsys.readouterr().out)["ok"] == 1
+    finally:
+        server.close()
