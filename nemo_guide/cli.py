@@ -153,6 +153,14 @@ def _cmd_hints(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from nemo_guide.prepare import prepare
+
+    summary = prepare(Path(args.input), Path(args.output), id_field=args.id_field, workers=args.workers)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     import torch
 
@@ -219,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-leak", choices=["flag", "reject"], default="flag", help="a reply stating the final answer: keep it flagged, or reject it")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_hints)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="OpenR1-Math-style rows (problem, solution, answer) to records; drops (and lists) unusable answers")
+    q.add_argument("input", help=".jsonl or .parquet")
+    q.add_argument("output", help="records JSONL; dropped rows go to OUTPUT.dropped.jsonl")
+    q.add_argument("--id-field", default="uuid", help="row field used as the record id (default uuid; else id; else <stem>-<row>)")
+    q.add_argument("--workers", type=int, default=2, help="verifier processes")
+    q.set_defaults(func=_cmd_data_prepare)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")
