@@ -238,7 +238,8 @@ def markdown_table(summary: dict[str, Any], title: str = "model") -> str:
     per = summary["benchmarks"]
     names = list(per)
     metrics = [k for k in ("pass1_greedy", "pass1_mean") if any(k in m for m in per.values())]
-    metrics += sorted({k for m in per.values() for k in m if k.startswith("pass") and k[4:].isdigit()}, key=lambda k: int(k[4:]))
+    # pass@1 (unbiased) equals the mean over samples, which has its own row.
+    metrics += sorted({k for m in per.values() for k in m if k.startswith("pass") and k[4:].isdigit() and k != "pass1"}, key=lambda k: int(k[4:]))
     label = {"pass1_greedy": "pass@1 (greedy)", "pass1_mean": "pass@1 (mean of samples)"}
     head = f"| {title} | " + " | ".join(names) + " | macro avg | micro avg |"
     lines = [head, "|" + "---|" * (len(names) + 3)]
