@@ -218,7 +218,7 @@ def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir, monkeypatch):
             return [float(len(c) % 2) for c in completions]
 
         def close(self):
-            pass
+            """Nothing to release."""
 
     monkeypatch.setattr(loop_module, "make_reward", lambda name: LengthParity())
     cfg = tiny_cfg("run.steps=2", f"backend.model={tiny_qwen2_dir}", "data.eval_limit=2", "generation.max_new_tokens=24", "optim.lr=1e-3")
