@@ -56,7 +56,7 @@ from nemo_guide.data.records import Record
 from nemo_guide.data.sources import default_reward, load_split, resolve_eval
 from nemo_guide.data.templates import PromptStyle, build_prompt
 from nemo_guide.rewards import make_reward
-from nemo_guide.tracking import MetricsLogger, plot_training
+from nemo_guide.tracking import MetricsLogger, plot_training, reduce_metrics
 
 MAX_CONSECUTIVE_SKIPS = 3
 SUMMARY_FILE = "summary.json"
@@ -440,12 +440,9 @@ def train(cfg: Config, backend: PolicyBackend, *, progress: bool = True, log: Ca
                 )
 
             # 11. Log, evaluate, checkpoint.
-            n_plain = B * k
             gen_tokens = sum(len(r) for r in responses) + sum(len(r) for r in g_responses)
-            plain_mask = batch.loss_mask.new_zeros(batch.loss_mask.shape)
             plain_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-            tok = (torch.arange(batch.response_length)[None, :] < plain_lengths[:, None])  # [B*k, L]
-            plain_mask[:n_plain] = tok
+            plain_tokens = torch.arange(batch.response_length)[None, :] < plain_lengths[:, None]  # [B*k, L]
             metrics: dict[str, float] = {
                 "train/reward": float(rewards.mean()),
                 "train/reward_guided": float(g_rewards.mean()) if len(g_rewards) else float("nan"),
@@ -454,7 +451,7 @@ def train(cfg: Config, backend: PolicyBackend, *, progress: bool = True, log: Ca
                 "train/response_length": float(plain_lengths.mean()),
                 "train/response_length_guided": float(torch.tensor([len(r) for r in g_responses], dtype=torch.float32).mean()) if g_responses else float("nan"),
                 "train/truncated_frac": 1.0 - sum(finished + g_finished) / max(1, len(finished) + len(g_finished)),
-                "train/entropy": float((entropy * plain_mask).sum() / plain_mask.sum().clamp(min=1)),
+                "train/entropy": float((entropy[: B * k] * plain_tokens).sum() / plain_tokens.sum().clamp(min=1)),
                 "train/rollouts": float(len(batch)),
                 "train/trained_rollouts": float(len(train_batch)),
                 "train/filtered_frac": float(filtered.float().mean()),
@@ -462,7 +459,9 @@ def train(cfg: Config, backend: PolicyBackend, *, progress: bool = True, log: Ca
                 "perf/tokens_per_s": gen_tokens / max(1e-9, timings["generation"]),
                 **{f"time/{key}": v for key, v in timings.items()},
             }
-            metrics.update(_mean_metrics(update_metrics) if update_metrics else {"optim/skipped": 0.0, "optim/updates": 0.0})
+            # Several optimizer steps (mini-batches, epochs): means, min/max, and the count of skipped ones.
+            metrics.update(reduce_metrics(update_metrics, sums=("optim/skipped",)) if update_metrics else {"optim/skipped": 0.0})
+            metrics["optim/updates"] = float(len(update_metrics))
             history.setdefault("train_reward_first", metrics["train/reward"])
             history["train_reward_last"] = metrics["train/reward"]
             if run.eval_every and step % run.eval_every == 0 and step < run.steps:
@@ -497,24 +496,6 @@ def _write(bar, log: Callable[[str], None], message: str) -> None:
         bar.write(message)
     else:
         log(message)
-
-
-def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Average the metrics of several optimizer steps (min/max keys reduce by min/max)."""
-    out: dict[str, float] = {"optim/updates": float(len(parts))}
-    for key in sorted({k for p in parts for k in p}):
-        values = [p[key] for p in parts if key in p and p[key] == p[key]]
-        if not values:
-            out[key] = float("nan")
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        elif key == "optim/skipped":
-            out[key] = sum(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
 
 
 def _sft_batch(records: list[Record], prompts: Prompts, idx: list[int], backend: PolicyBackend) -> RolloutBatch:
@@ -555,15 +536,6 @@ def _finish(cfg: Config, run_dir: Path, state: dict[str, Any], tail_seconds: flo
         log("matplotlib is not installed; skipped the plot (pip install matplotlib)")
     log(f"summary: {run_dir / SUMMARY_FILE}")
     return summary
-
-
-def load_eval_prompts(cfg: Config, backend: PolicyBackend) -> Prompts:
-    """Held-out prompts of ``cfg`` (for ``nemo-guide eval``)."""
-    source = resolve_eval(cfg.data.train, cfg.data.eval)
-    if source is None:
-        raise RunError("no held-out data: set data.eval to a .jsonl/.parquet file (data.train is not a built-in task)")
-    records = load_split(source, "eval")[: cfg.data.eval_limit]
-    return prepare_prompts(records, backend, cfg, source, need_hints=False)
 
 
 __all__ = ["Prompts", "PromptSampler", "RunError", "evaluate", "prepare_prompts", "train"]

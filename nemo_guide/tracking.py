@@ -23,6 +23,29 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
+def reduce_metrics(parts: list[dict[str, Any]], *, sums: tuple[str, ...] = ()) -> dict[str, float]:
+    """Combine the metrics of several micro-batches or optimizer steps into floats.
+
+    ``*_min`` keys reduce by min, ``*_max`` by max, keys in ``sums`` by sum, all others by a
+    NaN-ignoring mean; a key with no finite value gives NaN. Values may be floats or 0-dim tensors.
+    """
+    out: dict[str, float] = {}
+    for key in sorted({k for p in parts for k in p}):
+        values = [float(p[key]) for p in parts if key in p]
+        finite = [v for v in values if v == v]
+        if not finite:
+            out[key] = float("nan")
+        elif key.endswith("_min"):
+            out[key] = min(finite)
+        elif key.endswith("_max"):
+            out[key] = max(finite)
+        elif key in sums:
+            out[key] = sum(finite)
+        else:
+            out[key] = sum(finite) / len(finite)
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

@@ -1,6 +1,7 @@
 """Algorithm 1 end to end on the embedded backend: the main job in short, contexts, resume, bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -257,3 +258,30 @@ def test_cli_train_and_eval(tmp_path, capsys):
     # Bad input: a clear error and exit code 2.
     assert main(["train", str(TINY_CONF), "algorithm.group_sise=4"]) == 2
     assert "did you mean 'algorithm.group_size'" in capsys.readouterr().err
+
+
+def test_non_finite_updates_are_counted_then_stop_the_run(tiny_cfg, monkeypatch):
+    import nemo_guide.loop as loop_module
+
+    cfg = tiny_cfg("run.steps=5", "data.eval_limit=1")
+    backend = make_backend(cfg)
+    weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
+
+    def nan_loss(micro, logprobs, entropy, mini):
+        return logprobs.sum() * float("nan"), {}
+
+    monkeypatch.setattr(loop_module, "policy_loss_fn", lambda algo, num_prompts: nan_loss)
+    with pytest.raises(RunError, match=r"(?s)last 3 steps had a non-finite.*Lower optim.lr"):
+        run(cfg, backend)
+    rows = read_metrics(cfg.run.run_dir)
+    assert [r["optim/skipped"] for r in rows[1:]] == [1.0, 1.0]  # steps 1 and 2 logged; step 3 raised
+    assert all(torch.equal(weights[k], v) for k, v in backend.model.state_dict().items())
+
+
+def test_reduce_metrics():
+    from nemo_guide.tracking import reduce_metrics
+
+    parts = [{"a": torch.tensor(1.0), "x_min": 2.0, "x_max": 2.0, "n": 1.0}, {"a": float("nan"), "x_min": 1.0, "x_max": 5.0, "n": 1.0}, {"a": 3.0, "b": float("nan")}]
+    out = reduce_metrics(parts, sums=("n",))
+    assert out["a"] == 2.0 and out["x_min"] == 1.0 and out["x_max"] == 5.0 and out["n"] == 2.0
+    assert math.isnan(out["b"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nemo_guide.backends.base import PolicyBackend
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
-from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, load_tiny, save_tiny, sequence_logits
+from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, load_tiny, sampling_step, save_tiny, sequence_logits
 from nemo_guide.config import BackendConfig, OptimConfig
 from nemo_guide.loop import build_batch, micro_share, policy_loss_fn
 from nemo_guide.config import AlgorithmConfig
@@ -64,8 +64,7 @@ def test_kv_cache_matches_full_forward(random_tiny):
     tok = CharTokenizer()
     prompts = [tok.encode("Q:12+34="), tok.encode("H:#=7a+3b;Q:47#31=")]
     # Greedy with the cache ...
-    step = lambda ids, mask, cache: (lambda h, c: (h[:, -1] @ model.output_weight.T, c))(*model(ids, mask, cache))  # noqa: E731
-    responses, finished = generate(step, prompts, pad_id=0, eos_ids=[2], max_new_tokens=12, temperature=0.0)
+    responses, finished = generate(sampling_step(model), prompts, pad_id=0, eos_ids=[2], max_new_tokens=12, temperature=0.0)
     # ... equals greedy by full recomputation of each unpadded sequence.
     for prompt, response in zip(prompts, responses):
         seq = list(prompt)

@@ -30,6 +30,7 @@ from nemo_guide.backends.torch.models import load_adapter
 from nemo_guide.backends.torch.sampling import generate, left_pad, right_pad
 from nemo_guide.config import BackendConfig, OptimConfig
 from nemo_guide.kernels.logprobs import fused_logprobs
+from nemo_guide.tracking import reduce_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,24 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"backend.device = {name!r} but no CUDA device is visible; use backend.device=cpu or auto")
     return device
-
-
-def reduce_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Combine per-micro-batch metrics: ``*_min`` by min, ``*_max`` by max, others by NaN-ignoring mean."""
-    keys = sorted({k for p in parts for k in p})
-    out: dict[str, float] = {}
-    for key in keys:
-        values = torch.stack([p[key].detach().float().cpu() for p in parts if key in p])
-        finite = values[~values.isnan()]
-        if finite.numel() == 0:
-            out[key] = float("nan")
-        elif key.endswith("_min"):
-            out[key] = float(finite.min())
-        elif key.endswith("_max"):
-            out[key] = float(finite.max())
-        else:
-            out[key] = float(finite.mean())
-    return out
 
 
 class TorchBackend:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny
+from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny, sampling_step
 
 BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors"}
 
@@ -54,11 +54,7 @@ class TinyAdapter:
         return model.output_weight
 
     def step(self, model: nn.Module):
-        def fn(ids: torch.Tensor, mask: torch.Tensor, cache: Any):
-            hidden, cache = model(ids, mask, cache)
-            return hidden[:, -1] @ model.output_weight.T, cache
-
-        return fn
+        return sampling_step(model)
 
 
 class HFAdapter:

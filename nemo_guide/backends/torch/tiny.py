@@ -157,6 +157,16 @@ class TinyDecoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def sampling_step(model: TinyDecoder):
+    """The ``step(ids, mask, cache) -> (last_logits [B, V], cache)`` of ``sampling.generate``."""
+
+    def step(ids: torch.Tensor, mask: torch.Tensor, cache: KVCache | None):
+        hidden, cache = model(ids, mask, cache)
+        return hidden[:, -1] @ model.output_weight.T, cache
+
+    return step
+
+
 def sequence_logits(model: TinyDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Full logits (for tests and SFT on tiny batches). Shape: ``[B, T, V]``."""
     hidden, _ = model(input_ids, attention_mask)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_guide.backends.torch.sampling import generate, right_pad
-from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, save_tiny
+from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, sampling_step, save_tiny
 from nemo_guide.data import digit_ops
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny_digit_ops.safetensors"
@@ -55,16 +55,6 @@ def sft_loss(model: TinyDecoder, ids: torch.Tensor, mask: torch.Tensor, loss_mas
     return (nll * m).sum() / m.sum().clamp(min=1)
 
 
-def tiny_step_fn(model: TinyDecoder):
-    """The sampling step of :func:`generate` for the tiny decoder."""
-
-    def step(ids: torch.Tensor, mask: torch.Tensor, cache):
-        hidden, cache = model(ids, mask, cache)
-        return hidden[:, -1] @ model.output_weight.T, cache
-
-    return step
-
-
 @torch.no_grad()
 def probe_accuracy(model: TinyDecoder, n: int = 64, seed: int = 12345) -> dict[str, float]:
     """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted."""
@@ -86,7 +76,7 @@ def probe_accuracy(model: TinyDecoder, n: int = 64, seed: int = 12345) -> dict[s
             for r in records
         ]
         responses, _ = generate(
-            tiny_step_fn(model), prompts, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], max_new_tokens=64, temperature=0.0
+            sampling_step(model), prompts, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], max_new_tokens=64, temperature=0.0
         )
         correct = [tok.decode(resp).rsplit(digit_ops.ANSWER_MARKER, 1)[-1] == r.answer for resp, r in zip(responses, records)]
         out[name] = sum(correct) / n
