@@ -1,0 +1,140 @@
+"""Tiny Qwen2 / Llama checkpoints, a dual-context batch and the Hugging Face reference for
+the Megatron tests, plus the worker that runs in each spawned gloo process."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_guide.backends.base import RolloutBatch
+from nemo_guide.config import AlgorithmConfig
+
+VOCAB = 64
+FAMILIES = ("qwen2", "llama")
+
+
+def hf_config(family: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if family == "qwen2":  # tied embeddings, QKV bias, GQA 4/2
+        return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0)
+    # untied, head_dim 24 != hidden/heads, GQA 4/2, Llama 3.1 RoPE scaling
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=24, max_position_embeddings=16384, tie_word_embeddings=False,
+                       rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192})
+
+
+def save_hf_model(family: str, path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed({"qwen2": 1, "llama": 2}[family])
+    model = AutoModelForCausalLM.from_config(hf_config(family), torch_dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms and biases, so that a swapped mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(path)
+
+
+def make_batch(seed: int = 0) -> RolloutBatch:
+    """7 rollouts of 3 prompts; rollouts 4-6 guided (a longer hinted prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    plain = [ids(5), ids(9), ids(3)]
+    group = [0, 0, 1, 1, 2, 2, 2]
+    guided = [False, False, False, False, True, True, True]
+    plain_ids = [plain[i] for i in group]
+    sample_ids = [p + ids(6) if gd else p for p, gd in zip(plain_ids, guided)]
+    lengths = [4, 7, 1, 6, 5, 3, 7]
+    responses = [ids(n) for n in lengths]
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    mask[2] = False  # one rollout not trained on
+    return RolloutBatch(
+        plain_prompt_ids=plain_ids,
+        sample_prompt_ids=sample_ids,
+        response_ids=responses,
+        guided=torch.tensor(guided),
+        group=torch.tensor(group),
+        rewards=torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]),
+        loss_mask=mask,
+        advantages=torch.tensor([-1.0, 1.0, 0.0, 0.7, 1.2, -0.8, 0.5]),
+    )
+
+
+def loss_fn():
+    """The real Guide-GRPO surrogate (guided tokens unclipped) with an entropy bonus."""
+    from nemo_guide.loop import policy_loss_fn
+
+    return policy_loss_fn(AlgorithmConfig(entropy_coef=0.01, clip_low=0.1, clip_high=0.1), num_prompts=3)
+
+
+def hf_reference(model_dir, batch: RolloutBatch):
+    """Token-by-token reference from the Hugging Face model: unpadded forwards, one per rollout.
+
+    Without ``old_logprobs``, the batch gets :func:`with_old_logprobs` of the reference's
+    sampling-context log-probs. Returns ``(lp_plain [N, L], ent_plain [N, L], lp_sample [N, L],
+    loss, metrics, grads)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    n, width = len(batch), batch.response_length
+
+    def score(prompts):
+        lp = torch.zeros(n, width)
+        ent = torch.zeros(n, width)
+        rows_lp, rows_ent = [], []
+        for i, (p, o) in enumerate(zip(prompts, batch.response_ids)):
+            logits = model(torch.tensor([p + o])).logits[0, len(p) - 1 : len(p) - 1 + len(o)].float()
+            logp = torch.log_softmax(logits, -1)
+            rows_lp.append(logp.gather(-1, torch.tensor(o).unsqueeze(-1)).squeeze(-1))
+            rows_ent.append(-(logp.exp() * logp).sum(-1))
+        for i, (a, b) in enumerate(zip(rows_lp, rows_ent)):
+            lp = lp.index_put((torch.full((len(a),), i), torch.arange(len(a))), a)
+            ent = ent.index_put((torch.full((len(b),), i), torch.arange(len(b))), b)
+        return lp, ent
+
+    with torch.no_grad():
+        lp_sample, _ = score(batch.sample_prompt_ids)
+    if batch.old_logprobs is None:
+        batch = with_old_logprobs(batch, lp_sample)
+    lp_plain, ent_plain = score(batch.plain_prompt_ids)
+    loss, metrics = loss_fn()(batch, lp_plain, ent_plain, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return lp_plain.detach(), ent_plain.detach(), lp_sample, float(loss), {k: float(v) for k, v in metrics.items()}, grads
+
+
+def with_old_logprobs(batch: RolloutBatch, lp_sample: torch.Tensor) -> RolloutBatch:
+    """pi_old behind the sampling prompt, nudged so that some ratios leave the clip range."""
+    g = torch.Generator().manual_seed(7)
+    return batch.with_(old_logprobs=lp_sample + 0.3 * torch.randn(lp_sample.shape, generator=g))
+
+
+def worker(rank: int, model_dir: str, batch: RolloutBatch, micro_batch_size: int):
+    """Runs in each spawned process: this rank's log-probs (both contexts), loss metrics and grads."""
+    from megatron.core import parallel_state
+
+    from nemo_guide.backends.megatron.actor import MegatronActor
+    from nemo_guide.backends.megatron.model import MegatronModelConfig, load_hf_model
+
+    model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec="local"))
+    actor = MegatronActor(model, pad_id=0, logprob_chunk_size=5)
+    lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
+    lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
+    metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return {
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "lp_plain": lp_plain,
+        "ent_plain": ent_plain,
+        "lp_sample": lp_sample,
+        "metrics": metrics,
+        "grads": grads,
+    }
