@@ -107,7 +107,7 @@ def hf_reference(model_dir, batch: RolloutBatch):
     loss, metrics = loss_fn()(batch, lp_plain, ent_plain, batch)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    return lp_plain.detach(), ent_plain.detach(), lp_sample, float(loss), {k: float(v) for k, v in metrics.items()}, grads
+    return lp_plain.detach(), ent_plain.detach(), lp_sample, float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads
 
 
 def with_old_logprobs(batch: RolloutBatch, lp_sample: torch.Tensor) -> RolloutBatch:
@@ -116,25 +116,31 @@ def with_old_logprobs(batch: RolloutBatch, lp_sample: torch.Tensor) -> RolloutBa
     return batch.with_(old_logprobs=lp_sample + 0.3 * torch.randn(lp_sample.shape, generator=g))
 
 
-def worker(rank: int, model_dir: str, batch: RolloutBatch, micro_batch_size: int):
-    """Runs in each spawned process: this rank's log-probs (both contexts), loss metrics and grads."""
+def worker(rank: int, runs: dict, micro_batch_size: int):
+    """Runs in each spawned process. ``runs``: family -> (model_dir, batch).
+
+    Per family: this rank's log-probs behind both contexts, the loss metrics, this rank's
+    gradients (local-spec names) and, on the last stage, the output layer's logits shard of
+    rollout 1's plain sequence.
+    """
     from megatron.core import parallel_state
 
     from nemo_guide.backends.megatron.actor import MegatronActor
     from nemo_guide.backends.megatron.model import MegatronModelConfig, load_hf_model
 
-    model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec="local"))
-    actor = MegatronActor(model, pad_id=0, logprob_chunk_size=5)
-    lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
-    lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
-    metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    return {
-        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
-        "lp_plain": lp_plain,
-        "ent_plain": ent_plain,
-        "lp_sample": lp_sample,
-        "metrics": metrics,
-        "grads": grads,
-    }
+    out = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    for family, (model_dir, batch) in runs.items():
+        model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec="local"))
+        actor = MegatronActor(model, pad_id=0, logprob_chunk_size=5)
+        lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
+        lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
+        metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        logits = None
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            tokens = torch.tensor([batch.plain_prompt_ids[1] + batch.response_ids[1]])
+            with torch.no_grad():
+                logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)[0]  # [s, V/tp]
+        out[family] = {"lp_plain": lp_plain, "ent_plain": ent_plain, "lp_sample": lp_sample, "metrics": metrics,
+                       "grads": grads, "logits": logits}
+    return out
