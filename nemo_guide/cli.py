@@ -172,6 +172,19 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from nemo_guide.backends.megatron import checkpoint as mcheckpoint
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.direction == "hf-to-megatron":
+        out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=args.dtype)
+    else:
+        out = mcheckpoint.megatron_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_guide.backends.torch.warmstart import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS
 
@@ -237,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2, help="verifier processes")
     q.set_defaults(func=_cmd_data_prepare)
 
+    p = sub.add_parser("convert", help="Hugging Face (Qwen2/Llama) <-> Megatron-core distributed checkpoint (needs the megatron extra)")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("input", help="a Hugging Face model directory, or a distributed checkpoint directory")
+    p.add_argument("output", help="a new directory (never overwritten)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype written (default bfloat16)")
+    p.add_argument("--hf-config", default=None, help="megatron-to-hf: the model's config.json, if the checkpoint has no hf_config.json")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -256,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, RunError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

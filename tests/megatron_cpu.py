@@ -105,6 +105,7 @@ def run_parallel(fn, world_size: int, tp: int, pp: int, args: tuple, tmp_dir) ->
     import torch.multiprocessing as mp
 
     out_dir = str(tmp_dir)
+    os.makedirs(out_dir, exist_ok=True)
     port = free_port()
     try:
         mp.spawn(_entry, args=(world_size, port, tp, pp, fn, args, out_dir), nprocs=world_size, join=True)

@@ -144,3 +144,27 @@ def worker(rank: int, runs: dict, micro_batch_size: int):
         out[family] = {"lp_plain": lp_plain, "ent_plain": ent_plain, "lp_sample": lp_sample, "metrics": metrics,
                        "grads": grads, "logits": logits}
     return out
+
+
+def dist_checkpoint_worker(rank: int, ckpt_in: str, ckpt_out: str, batch: RolloutBatch):
+    """Load a distributed checkpoint into this layout, score ``batch``, save it again."""
+    from nemo_guide.backends.megatron.actor import MegatronActor
+    from nemo_guide.backends.megatron.checkpoint import load_model, save_model
+    from nemo_guide.backends.megatron.model import MegatronModelConfig, build_model
+
+    shape, _ = read_hf_shape_from_ckpt(ckpt_in)
+    model = build_model(shape, MegatronModelConfig(dtype="float32", layer_spec="local"))
+    load_model(model, ckpt_in)
+    lp, _ = MegatronActor(model, pad_id=0).logprobs(batch, "sample", micro_batch_size=4)
+    save_model(model, ckpt_out)
+    return lp
+
+
+def read_hf_shape_from_ckpt(ckpt_dir: str):
+    import json
+    from pathlib import Path
+
+    from nemo_guide.convert import shape_from_hf_config
+
+    config = json.loads((Path(ckpt_dir) / "hf_config.json").read_text())
+    return shape_from_hf_config(config), config

@@ -59,7 +59,7 @@ class MegatronModelConfig:
         return self.layer_spec == "te" or (self.layer_spec == "auto" and HAVE_TE and torch.cuda.is_available())
 
 
-def transformer_config(shape: ModelShape, cfg: MegatronModelConfig) -> TransformerConfig:
+def transformer_config(shape: ModelShape, cfg: MegatronModelConfig, *, on_cpu: bool = False) -> TransformerConfig:
     """Megatron's ``TransformerConfig`` for ``shape`` under the current parallel state."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -86,7 +86,7 @@ def transformer_config(shape: ModelShape, cfg: MegatronModelConfig) -> Transform
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=on_cpu,
         # fusions need CUDA/apex kernels; the local spec runs without them
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -103,9 +103,15 @@ def transformer_config(shape: ModelShape, cfg: MegatronModelConfig) -> Transform
     )
 
 
-def build_model(shape: ModelShape, cfg: MegatronModelConfig) -> GPTModel:
-    """This rank's pipeline stage of the model (random weights; see :func:`load_hf_weights`)."""
-    config = transformer_config(shape, cfg)
+def build_model(shape: ModelShape, cfg: MegatronModelConfig, *, device: str = "auto") -> GPTModel:
+    """This rank's pipeline stage of the model (random weights; see :func:`load_rank_weights`).
+
+    ``device``: ``auto`` (the current CUDA device when there is one, else CPU) or ``cpu``.
+    """
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"device = {device!r}: choose auto or cpu")
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    config = transformer_config(shape, cfg, on_cpu=on_cpu)
     spec = get_gpt_layer_with_transformer_engine_spec() if cfg.use_te() else get_gpt_layer_local_spec()
     model = GPTModel(
         config,
@@ -117,10 +123,10 @@ def build_model(shape: ModelShape, cfg: MegatronModelConfig) -> GPTModel:
         parallel_output=True,
         share_embeddings_and_output_weights=shape.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(shape.rope_theta) if float(shape.rope_theta).is_integer() else shape.rope_theta,
+        rotary_base=shape.rope_theta,
         rope_scaling=shape.rope_llama3_scaling,
     )
-    if torch.cuda.is_available():
+    if not on_cpu:
         model.cuda(torch.cuda.current_device())
     return model
 
@@ -157,10 +163,10 @@ def load_rank_weights(model: GPTModel, full_megatron: dict[str, torch.Tensor], s
             (target if target is not None else own[key]).copy_(part[key])
 
 
-def load_hf_model(model_dir: str | Path, cfg: MegatronModelConfig) -> tuple[GPTModel, ModelShape]:
+def load_hf_model(model_dir: str | Path, cfg: MegatronModelConfig, *, device: str = "auto") -> tuple[GPTModel, ModelShape]:
     """Build this rank's stage and load a Hugging Face Qwen2/Llama checkpoint into it."""
     shape, _ = read_hf_shape(model_dir)
-    model = build_model(shape, cfg)
+    model = build_model(shape, cfg, device=device)
     full = hf_to_megatron(load_hf_state_dict(model_dir), shape, source=str(model_dir))
     load_rank_weights(model, full, shape)
     return model, shape
