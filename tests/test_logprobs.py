@@ -65,7 +65,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_worker(rank, world, port, queue):
+def _tp_worker(rank, world, port, queue, impl):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -76,7 +76,7 @@ def _tp_worker(rank, world, port, queue):
         g1, g2 = torch.randn(19), torch.randn(19)
         shard = w.chunk(world)[rank].clone().requires_grad_(True)
         h_local = h.clone().requires_grad_(True)
-        lp, ent = fused_logprobs(h_local, shard, y, tp_group=dist.group.WORLD, chunk_size=5, return_entropy=True)
+        lp, ent = fused_logprobs(h_local, shard, y, tp_group=dist.group.WORLD, chunk_size=5, return_entropy=True, impl=impl)
         ((lp * g1).sum() + (ent * g2).sum()).backward()
         hf, wf = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         ref_lp, ref_ent = _naive(hf, wf, y)
@@ -94,9 +94,12 @@ def _tp_worker(rank, world, port, queue):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2])
-def test_vocab_parallel_gloo_matches_full_vocabulary(world):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_vocab_parallel_gloo_matches_full_vocabulary(world, impl):
+    if impl == "triton":
+        pytest.importorskip("triton")  # on CPU its interpreter (TRITON_INTERPRET=1, inherited by the workers)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_tp_worker, args=(world, _free_port(), queue), nprocs=world, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(world, _free_port(), queue, impl), nprocs=world, start_method="spawn")
     results = dict(queue.get() for _ in range(world))
     assert results == {r: "ok" for r in range(world)}

@@ -5,16 +5,21 @@
 in chunks of ``chunk_size``; backward recomputes each chunk's logits, so at most
 ``[chunk_size, V_local]`` logits exist at any time, forward or backward. With a
 ``tp_group`` the vocabulary is sharded as in Megatron's column-parallel output layer:
-rank ``r`` holds rows ``r*V_local .. (r+1)*V_local - 1`` of the output weight, and three
-all-reduces per chunk (max, sum-exp, target logit; plus one for the entropy) give every
-rank the same result. The hidden-state gradient is all-reduced like Megatron's
+rank ``r`` holds rows ``r*V_local .. (r+1)*V_local - 1`` of the output weight; each rank
+reduces its shard to per-token statistics (max, sum-exp, target logit, and the entropy
+sum), and three all-reduces over ``[T]`` vectors (four with entropy) combine them, so
+every rank gets the same result. The hidden-state gradient is all-reduced like Megatron's
 ``copy_to_tensor_model_parallel_region``; the weight gradient stays local to the shard.
 
 Layout (STYLE 4): pure per-shard steps below, one ``autograd.Function`` that does the
-collectives over an explicit process group.
+collectives over an explicit process group. The per-shard steps have two implementations
+with one interface (``shard_stats``, ``grad_logits``): pure torch here, fused Triton
+kernels in ``logprobs_triton`` for GPUs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -46,6 +51,32 @@ def shard_target_logit(logits: torch.Tensor, targets: torch.Tensor, vocab_start:
     in_shard = (local >= 0) & (local < logits.shape[-1])
     picked = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
     return torch.where(in_shard, picked, torch.zeros_like(picked)), in_shard
+
+
+def shard_stats_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, with_entropy: bool):
+    """This shard's softmax statistics of each row; overwrites ``logits``.
+
+    With ``m = max_j z_j`` over the shard: ``s = sum_j e^(z_j - m)``,
+    ``a = sum_j e^(z_j - m) (z_j - m)`` (only ``with_entropy``) and the target logit
+    (0 when the target is in another shard). Shape: ``[C, V_local] -> four [C]`` (``a`` None).
+    """
+    target_logit, _ = shard_target_logit(logits, targets, vocab_start)
+    m = logits.max(-1).values
+    shifted = logits.sub_(m.unsqueeze(-1))  # in place: z - m
+    a = shifted.exp().mul_(shifted).sum(-1) if with_entropy else None
+    s = shifted.exp_().sum(-1)
+    return m, s, a, target_logit
+
+
+def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int, with_entropy: bool, dtype):
+    """:func:`shard_stats_` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
+    parts = [shard_stats_(shard_logits(hidden[i : i + chunk_size], weight, dtype), targets[i : i + chunk_size], vocab_start, with_entropy)
+             for i in range(0, hidden.shape[0], chunk_size)]
+    m, s, a, t = (torch.cat([p[k] for p in parts]) if parts and parts[0][k] is not None else None for k in range(4))
+    if m is None:  # T = 0
+        m = s = t = torch.empty(0, dtype=dtype, device=hidden.device)
+        a = torch.empty_like(m) if with_entropy else None
+    return m, s, a, t
 
 
 def grad_logits_(
@@ -80,6 +111,11 @@ def grad_logits_(
     return grad
 
 
+def torch_grad_logits(hidden, weight, targets, vocab_start, lse, entropy, grad_logprob, grad_entropy, dtype):
+    """``[C, V_local]`` gradient of the loss w.r.t. this chunk's logits (recomputed)."""
+    return grad_logits_(shard_logits(hidden, weight, dtype), lse, entropy, targets, vocab_start, grad_logprob, grad_entropy)
+
+
 # -- the one Function with collectives --------------------------------------------------
 
 
@@ -89,35 +125,37 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
+def combine_stats(m, s, a, target_logit, group):
+    """Whole-vocabulary ``(lse, logprob, entropy | None)`` from every shard's statistics.
+
+    ``M = max_r m_r``; each shard's sums are rescaled by ``e^(m_r - M)`` and summed:
+    ``S = sum_j e^(z_j - M)``, ``A = sum_j e^(z_j - M)(z_j - M)``; then
+    ``lse = M + log S``, ``log p(target) = z_target - lse``, ``H = log S - A / S``.
+    All shapes ``[T]``; three all-reduces (four with entropy).
+    """
+    big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
+    scale = torch.exp(m - big_m)
+    total_s = _all_reduce(s * scale, dist.ReduceOp.SUM, group)
+    target_logit = _all_reduce(target_logit.clone(), dist.ReduceOp.SUM, group)
+    log_s = total_s.log()
+    lse = big_m + log_s
+    entropy = None
+    if a is not None:
+        total_a = _all_reduce(scale * (a + (m - big_m) * s), dist.ReduceOp.SUM, group)
+        entropy = log_s - total_a / total_s
+    return lse, target_logit - lse, entropy
+
+
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, group, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, group, chunk_size, with_entropy, impl):
         dtype = _compute_dtype(hidden, weight)
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * weight.shape[0]
-        num_tokens = hidden.shape[0]
-        logprob = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-        lse_all = torch.empty_like(logprob)
-        entropy = torch.empty_like(logprob) if with_entropy else None
-        for start in range(0, num_tokens, chunk_size):
-            sl = slice(start, start + chunk_size)
-            buf = shard_logits(hidden[sl], weight, dtype)  # the one [C, V_local] buffer
-            target_logit, _ = shard_target_logit(buf, targets[sl], vocab_start)
-            m = _all_reduce(buf.max(-1).values, dist.ReduceOp.MAX, group)  # [C]
-            shifted = buf.sub_(m.unsqueeze(-1))  # in place: z - m
-            if with_entropy:
-                # sum_j e^s_j * s_j with s = z - m; with S = sum_j e^s_j, H = log S - (sum e^s s) / S
-                xs = _all_reduce(shifted.exp().mul_(shifted).sum(-1), dist.ReduceOp.SUM, group)
-            sum_exp = _all_reduce(shifted.exp_().sum(-1), dist.ReduceOp.SUM, group)  # [C]
-            lse = m + sum_exp.log()
-            target_logit = _all_reduce(target_logit, dist.ReduceOp.SUM, group)
-            logprob[sl] = target_logit - lse
-            lse_all[sl] = lse
-            if with_entropy:
-                entropy[sl] = sum_exp.log() - xs / sum_exp
-            del buf, shifted
-        ctx.save_for_backward(hidden, weight, targets, lse_all, *( [entropy] if with_entropy else []))
-        ctx.group, ctx.chunk_size, ctx.with_entropy, ctx.vocab_start, ctx.dtype = group, chunk_size, with_entropy, vocab_start, dtype
+        stats = impl.shard_stats(hidden, weight, targets, vocab_start, chunk_size, with_entropy, dtype)
+        lse, logprob, entropy = combine_stats(*stats, group)
+        ctx.save_for_backward(hidden, weight, targets, lse, *([entropy] if with_entropy else []))
+        ctx.group, ctx.chunk_size, ctx.with_entropy, ctx.vocab_start, ctx.dtype, ctx.impl = group, chunk_size, with_entropy, vocab_start, dtype, impl
         if with_entropy:
             return logprob, entropy
         return logprob
@@ -131,32 +169,63 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[1] else None
         if grad_logprob is None:
             grad_logprob = torch.zeros_like(lse_all)
+        if not ctx.with_entropy:
+            grad_entropy = None
         w = weight.to(dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             h = hidden[sl].to(dtype)
-            logits = shard_logits(h, w, dtype)  # recomputed: [C, V_local]
-            g = grad_logits_(
-                logits,
-                lse_all[sl],
+            g = ctx.impl.grad_logits(  # [C, V_local] in dtype; logits recomputed inside from the raw inputs
+                hidden[sl], weight, targets[sl], ctx.vocab_start, lse_all[sl],
                 entropy_all[sl] if entropy_all is not None else None,
-                targets[sl],
-                ctx.vocab_start,
                 grad_logprob[sl].to(dtype),
-                grad_entropy[sl].to(dtype) if (ctx.with_entropy and grad_entropy is not None) else None,
+                grad_entropy[sl].to(dtype) if grad_entropy is not None else None,
+                dtype,
             )
             if grad_hidden is not None:
                 torch.mm(g, w, out=grad_hidden[sl])  # [C, H]
             if grad_weight is not None:
                 grad_weight.addmm_(g.T, h)  # [V_local, H], no temporary
-            del logits, g
+            del g
         if grad_hidden is not None:
             # hidden is replicated over the TP group: its gradient is the sum of every shard's part.
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+class _TorchImpl:
+    """Pure torch: chunked matmuls, one ``[C, V_local]`` buffer."""
+
+    name = "torch"
+    shard_stats = staticmethod(torch_shard_stats)
+    grad_logits = staticmethod(torch_grad_logits)
+
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def _pick_impl(impl: str, hidden: torch.Tensor, dtype: torch.dtype):
+    choice = os.environ.get("NEMO_GUIDE_LOGPROBS_IMPL", impl) if impl == "auto" else impl
+    if choice not in IMPLS:
+        raise ValueError(f"impl = {choice!r}: choose one of {', '.join(IMPLS)} (also settable with NEMO_GUIDE_LOGPROBS_IMPL)")
+    if choice == "auto":
+        choice = "triton" if hidden.is_cuda and dtype != torch.float64 and _triton_available() else "torch"
+    if choice == "torch":
+        return _TorchImpl
+    from nemo_guide.kernels import logprobs_triton  # raises an actionable ImportError without triton
+
+    if dtype == torch.float64:
+        raise ValueError("the triton path computes in float32; use impl='torch' for float64 inputs")
+    return logprobs_triton.TritonImpl
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def fused_logprobs(
@@ -167,6 +236,7 @@ def fused_logprobs(
     tp_group=None,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    impl: str = "auto",
 ):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ W_full.T)``.
 
@@ -178,6 +248,10 @@ def fused_logprobs(
         tp_group: the tensor-parallel process group, or None for the whole vocabulary.
         chunk_size: tokens per chunk; at most ``[chunk_size, V/tp]`` logits are held.
         return_entropy: also return the entropy of each token's distribution.
+        impl: ``torch`` (chunked matmuls, any device), ``triton`` (fused GPU kernels: the
+            forward never builds logits, the backward one ``[chunk_size, V/tp]`` gradient
+            buffer at a time) or ``auto``: triton for CUDA tensors when it is installed,
+            else torch. ``NEMO_GUIDE_LOGPROBS_IMPL`` overrides ``auto``.
 
     Returns:
         Shape: ``[T]`` float32 (float64 for float64 inputs), or ``(logprobs, entropy)``.
@@ -192,4 +266,5 @@ def fused_logprobs(
     vocab = weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise ValueError(f"targets must be token ids in [0, {vocab}); got range [{int(targets.min())}, {int(targets.max())}]")
-    return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk_size, return_entropy)
+    chosen = _pick_impl(impl, hidden, _compute_dtype(hidden, weight))
+    return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk_size, return_entropy, chosen)
