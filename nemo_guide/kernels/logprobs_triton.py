@@ -63,7 +63,7 @@ def _stats_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, t_ptr, T, V, H, vo
         col_ok = cols < V
         z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_ht, stride_wv, BLOCK_T, BLOCK_V, BLOCK_H, IEEE)
         z = tl.where(col_ok[None, :], z, _NEG)
-        target += tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), axis=1)
+        target += tl.sum(tl.where((cols[None, :] == local[:, None]) & col_ok[None, :], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         shifted = z - m_new[:, None]
