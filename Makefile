@@ -7,7 +7,7 @@ VENV   ?= .venv
 #   make install TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,hf
+EXTRAS ?= dev,hf,megatron,triton
 PYTEST_ARGS ?=
 
 .PHONY: install test test-all train clean

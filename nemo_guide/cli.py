@@ -21,8 +21,9 @@ def make_backend(cfg):
 
         return TorchBackend(cfg.backend, cfg.optim, temperature=cfg.generation.temperature, seed=cfg.run.seed)
     raise SystemExit(
-        "backend.name=megatron runs under srun: python -m nemo_guide.train_megatron (see README, 'Scale-out'); "
-        "`nemo-guide train` runs the embedded torch backend"
+        "backend.name=megatron: `nemo-guide train` runs the embedded torch backend only. The Megatron-core actor "
+        "(nemo_guide.backends.megatron: TP/PP log-probs and policy-loss gradients, `nemo-guide convert`) is in place; "
+        "the NeMo-Aligner trainer that launches it under srun is not part of this release yet (see README, 'Scale-out path')"
     )
 
 

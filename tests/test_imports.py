@@ -65,7 +65,35 @@ def test_only_entry_points_pick_a_backend():
     # The loop sees the PolicyBackend protocol (backends.base), never a concrete backend.
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE)
-        if rel.parts[0] == "backends" or rel.name in ("cli.py", "train_megatron.py"):
+        if rel.parts[0] == "backends" or rel.name == "cli.py":
             continue
         for name in _package_imports(path):
             assert not name.startswith(("nemo_guide.backends.torch", "nemo_guide.backends.megatron")), f"{path}: imports {name}"
+
+
+def test_convert_is_pure_tensor_code():
+    """convert/ maps weights with torch + safetensors only (no transformers, no Megatron)."""
+    code = (
+        "import sys, nemo_guide.convert\n"
+        f"heavy = {HEAVY!r}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for path in (PACKAGE / "convert").rglob("*.py"):
+        for name in _package_imports(path):
+            assert name.startswith("nemo_guide.convert"), f"{path}: imports {name}"
+
+
+def test_megatron_and_triton_are_imported_in_one_guarded_place_each():
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        roots = {n.split(".")[0] for n in _imports(path)}
+        if "megatron" in roots:
+            assert rel == "backends/megatron/_mcore.py", f"{rel} imports megatron"
+        if "triton" in roots:
+            assert rel == "kernels/logprobs_triton.py", f"{rel} imports triton"
+    # the fused log-prob op does not pull triton in on CPU
+    code = "import sys, torch\nfrom nemo_guide.kernels.logprobs import fused_logprobs\nfused_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))\nassert 'triton' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+

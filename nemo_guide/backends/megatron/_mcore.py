@@ -4,6 +4,12 @@ from __future__ import annotations
 
 try:
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -23,6 +29,10 @@ except ImportError:
 
 __all__ = [
     "GPTModel",
+    "MCoreSavePlanner",
+    "SaveShardedStrategy",
+    "_replace_state_dict_keys_with_sharded_keys",
+    "mcore_to_pyt_state_dict",
     "HAVE_TE",
     "TransformerConfig",
     "dist_checkpointing",

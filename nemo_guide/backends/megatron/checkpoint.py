@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from nemo_guide.backends.megatron._mcore import GPTModel, dist_checkpointing, parallel_state
+from nemo_guide.backends.megatron._mcore import (
+    GPTModel,
+    MCoreSavePlanner,
+    SaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    dist_checkpointing,
+    mcore_to_pyt_state_dict,
+    parallel_state,
+)
 from nemo_guide.backends.megatron.model import MegatronModelConfig, build_model, load_rank_weights
 from nemo_guide.convert import hf_to_megatron, load_hf_state_dict, megatron_to_hf, read_hf_shape, save_hf_checkpoint, shape_from_hf_config
 from nemo_guide.convert.hf_io import SIDE_FILES
@@ -35,13 +43,6 @@ HF_FILES = "hf"
 
 
 def _save_strategy():
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-
     class _SyncTorchDistSave(SaveShardedStrategy):
         """``torch_dist`` format, written synchronously by torch's own FileSystemWriter."""
 
