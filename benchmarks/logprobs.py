@@ -1,4 +1,5 @@
-"""Peak memory and time of token log-probs: naive ``log_softmax(h @ W.T).gather`` vs ``fused_logprobs``.
+"""Peak memory and time of token log-probs: naive ``log_softmax(h @ W.T).gather`` vs ``fused_logprobs``
+(its torch path everywhere, its Triton kernels on CUDA).
 
 Forward + backward w.r.t. hidden and weight, float32 (CPU) or bfloat16 inputs (CUDA).
 Each (config, variant) runs in a fresh subprocess; on CPU the peak is the process's
@@ -42,8 +43,8 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, repeats: int, de
     def step():
         if variant == "naive":
             lp = torch.log_softmax((h @ w.T).float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        else:
-            lp = fused_logprobs(h, w, y, chunk_size=chunk)
+        else:  # fused-torch | fused-triton
+            lp = fused_logprobs(h, w, y, chunk_size=chunk, impl=variant.split("-", 1)[1])
         lp.sum().backward()
         h.grad = None
         w.grad = None
@@ -90,7 +91,7 @@ def main() -> None:
     for hidden in args.hidden:
         for tokens in args.tokens:
             result = {}
-            for variant in ("naive", "fused"):
+            for variant in _variants(args.device):
                 spec = dict(variant=variant, tokens=tokens, hidden=hidden, vocab=args.vocab, repeats=args.repeats, device=args.device, chunk=args.chunk)
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
                 if out.returncode != 0:
@@ -100,6 +101,11 @@ def main() -> None:
                     result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((tokens, hidden, result))
             _print(rows, args)
+
+
+def _variants(device: str) -> tuple[str, ...]:
+    """naive and the torch path everywhere; the Triton kernels on CUDA."""
+    return ("naive", "fused-torch", "fused-triton") if device == "cuda" else ("naive", "fused-torch")
 
 
 def _cuda() -> bool:
@@ -118,14 +124,21 @@ def _print(rows, args) -> None:
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nfused_logprobs vs naive, forward+backward, V={args.vocab}, chunk={args.chunk}, {args.device} ({where}), median of {args.repeats}")
-    print("| T | H | naive peak MB | fused peak MB | peak ratio | naive s | fused s | time ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    fused = _variants(args.device)[1:]
+    head = "| T | H | naive peak MB | " + " | ".join(f"{v} peak MB (ratio)" for v in fused) + " | naive s | " + " | ".join(f"{v} s (ratio)" for v in fused) + " |"
+    print(head)
+    print("|" + "---|" * (3 + 2 * len(fused) + 1))
     for tokens, hidden, r in rows:
-        n, f = r.get("naive"), r.get("fused")
-        if n and f:
-            print(f"| {tokens} | {hidden} | {n['peak_mb']:.0f} | {f['peak_mb']:.0f} | {f['peak_mb'] / max(n['peak_mb'], 1e-9):.3f} | {n['median_s']:.2f} | {f['median_s']:.2f} | {f['median_s'] / n['median_s']:.2f} |")
-        else:
-            print(f"| {tokens} | {hidden} | {'failed' if not n else round(n['peak_mb'])} | {'failed' if not f else round(f['peak_mb'])} | - | - | - | - |")
+        n = r.get("naive")
+        cells = [str(tokens), str(hidden), f"{n['peak_mb']:.0f}" if n else "failed"]
+        for v in fused:
+            f = r.get(v)
+            cells.append(f"{f['peak_mb']:.0f} ({f['peak_mb'] / max(n['peak_mb'], 1e-9):.3f})" if f and n else (f"{f['peak_mb']:.0f}" if f else "failed"))
+        cells.append(f"{n['median_s']:.2f}" if n else "-")
+        for v in fused:
+            f = r.get(v)
+            cells.append(f"{f['median_s']:.2f} ({f['median_s'] / n['median_s']:.2f})" if f and n else (f"{f['median_s']:.2f}" if f else "failed"))
+        print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
 
