@@ -60,20 +60,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_worker(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, seed: int = 1234) -> CudaToCpu:
-    """Start gloo, Megatron's parallel state and the shims in this process; returns the entered mode."""
+def init_worker(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, seed: int = 1234, cuda: bool = False) -> None:
+    """Start gloo + the CPU shims (or, with ``cuda``, NCCL on GPU ``rank`` without shims) and
+    Megatron's parallel state in this process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    patch_torch_cuda()
-    mode = CudaToCpu()
-    mode.__enter__()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if cuda:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size)
+    else:
+        torch.set_num_threads(1)
+        patch_torch_cuda()
+        CudaToCpu().__enter__()
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    return mode
 
 
 def shutdown_worker() -> None:
@@ -84,9 +87,9 @@ def shutdown_worker() -> None:
         dist.destroy_process_group()
 
 
-def _entry(rank, world_size, port, tp, pp, fn, args, out_dir):
+def _entry(rank, world_size, port, tp, pp, fn, args, out_dir, cuda):
     try:
-        init_worker(rank, world_size, port, tp, pp)
+        init_worker(rank, world_size, port, tp, pp, cuda=cuda)
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -97,8 +100,9 @@ def _entry(rank, world_size, port, tp, pp, fn, args, out_dir):
         shutdown_worker()
 
 
-def run_parallel(fn, world_size: int, tp: int, pp: int, args: tuple, tmp_dir) -> list:
-    """Run ``fn(rank, *args)`` in ``world_size`` gloo processes with Megatron TP/PP set up.
+def run_parallel(fn, world_size: int, tp: int, pp: int, args: tuple, tmp_dir, cuda: bool = False) -> list:
+    """Run ``fn(rank, *args)`` in ``world_size`` processes with Megatron TP/PP set up
+    (gloo on CPU with the shims; NCCL, one GPU per rank, with ``cuda``).
 
     ``fn`` must be importable (module level). Returns each rank's return value.
     """
@@ -108,7 +112,7 @@ def run_parallel(fn, world_size: int, tp: int, pp: int, args: tuple, tmp_dir) ->
     os.makedirs(out_dir, exist_ok=True)
     port = free_port()
     try:
-        mp.spawn(_entry, args=(world_size, port, tp, pp, fn, args, out_dir), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(world_size, port, tp, pp, fn, args, out_dir, cuda), nprocs=world_size, join=True)
     except Exception as exc:
         errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
         raise AssertionError("worker failed:\n" + "\n".join(errors)) from exc

@@ -116,7 +116,7 @@ def with_old_logprobs(batch: RolloutBatch, lp_sample: torch.Tensor) -> RolloutBa
     return batch.with_(old_logprobs=lp_sample + 0.3 * torch.randn(lp_sample.shape, generator=g))
 
 
-def worker(rank: int, runs: dict, micro_batch_size: int):
+def worker(rank: int, runs: dict, micro_batch_size: int, layer_spec: str = "local"):
     """Runs in each spawned process. ``runs``: family -> (model_dir, batch).
 
     Per family: this rank's log-probs behind both contexts, the loss metrics, this rank's
@@ -130,17 +130,17 @@ def worker(rank: int, runs: dict, micro_batch_size: int):
 
     out = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     for family, (model_dir, batch) in runs.items():
-        model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec="local"))
+        model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec=layer_spec))
         actor = MegatronActor(model, pad_id=0, logprob_chunk_size=5)
         lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
         lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
         metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
-        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        grads = {k: p.grad.detach().cpu() for k, p in model.named_parameters() if p.grad is not None}
         logits = None
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            tokens = torch.tensor([batch.plain_prompt_ids[1] + batch.response_ids[1]])
+            tokens = torch.tensor([batch.plain_prompt_ids[1] + batch.response_ids[1]], device=actor.device)
             with torch.no_grad():
-                logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)[0]  # [s, V/tp]
+                logits = model(tokens, torch.arange(tokens.shape[1], device=actor.device).unsqueeze(0), None)[0].cpu()  # [s, V/tp]
         out[family] = {"lp_plain": lp_plain, "ent_plain": ent_plain, "lp_sample": lp_sample, "metrics": metrics,
                        "grads": grads, "logits": logits}
     return out

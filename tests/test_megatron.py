@@ -150,3 +150,21 @@ def test_convert_cli_round_trip_through_other_layouts(setup, tmp_path, family):
             assert torch.equal(restored[key], value), key
     # never overwrites
     assert main(["convert", "megatron-to-hf", str(ckpt), str(back)]) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_actor_matches_hf(setup, tmp_path):
+    """On a GPU machine: NCCL, the TransformerEngine layer spec when installed, TP over up
+    to 2 GPUs; float32 weights, so the tolerance only allows for TF32/fused-kernel rounding."""
+    tp = min(2, torch.cuda.device_count())
+    inputs = {family: (d, batch) for family, (d, batch, _) in setup.items()}
+    ranks = megatron_cpu.run_parallel(mm.worker, tp, tp, 1, (inputs, MICRO, "auto"), tmp_path, cuda=True)
+    for family, (model_dir, _, (lp_plain, ent_plain, lp_sample, _loss, _m, hf_grads)) in setup.items():
+        shape, _ = read_hf_shape(model_dir)
+        got = ranks[-1][family]
+        torch.testing.assert_close(got["lp_plain"], lp_plain, atol=5e-3, rtol=0)
+        torch.testing.assert_close(got["lp_sample"], lp_sample, atol=5e-3, rtol=0)
+        torch.testing.assert_close(got["ent_plain"], ent_plain, atol=5e-3, rtol=0)
+        grads = megatron_to_hf(full_grads("tp2" if tp == 2 else "tp1", ranks, family, shape), shape)
+        for key, expected in hf_grads.items():
+            torch.testing.assert_close(grads[key], expected, atol=1e-3, rtol=5e-2, msg=key)

@@ -138,30 +138,26 @@ def megatron_to_hf(mg: StateDict, shape: ModelShape, source: str = "the Megatron
     return out
 
 
-def to_te_names(mg: StateDict) -> StateDict:
-    """Local-spec names -> TransformerEngine-spec names (pre-norms fused into the linears)."""
+def _rename_suffixes(mg: StateDict, renames: dict[str, str]) -> StateDict:
     out = {}
     for key, value in mg.items():
-        for local, te in _TE_RENAMES.items():
-            if key.endswith("." + local):
-                key = key[: -len(local)] + te
+        for old, new in renames.items():
+            if key.endswith("." + old):
+                key = key[: -len(old)] + new
                 break
         out[key] = value
     return out
+
+
+def to_te_names(mg: StateDict) -> StateDict:
+    """Local-spec names -> TransformerEngine-spec names (pre-norms fused into the linears)."""
+    return _rename_suffixes(mg, _TE_RENAMES)
 
 
 def from_te_names(mg: StateDict) -> StateDict:
     """TransformerEngine-spec names -> local-spec names; ``_extra_state`` entries are dropped."""
-    out = {}
-    for key, value in mg.items():
-        if key.endswith("._extra_state"):
-            continue
-        for local, te in _TE_RENAMES.items():
-            if key.endswith("." + te):
-                key = key[: -len(te)] + local
-                break
-        out[key] = value
-    return out
+    kept = {k: v for k, v in mg.items() if not k.endswith("._extra_state")}
+    return _rename_suffixes(kept, {te: local for local, te in _TE_RENAMES.items()})
 
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")

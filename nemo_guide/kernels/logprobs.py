@@ -165,8 +165,10 @@ class _FusedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse_all, *rest = ctx.saved_tensors
         entropy_all = rest[0] if ctx.with_entropy else None
         dtype = ctx.dtype
-        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+        # every row of grad_hidden is written by one chunk's mm; grad_weight is created by the
+        # first chunk's product (no zero-filled [V/tp, H] pass) and accumulated by the rest
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_weight = None
         if grad_logprob is None:
             grad_logprob = torch.zeros_like(lse_all)
         if not ctx.with_entropy:
@@ -184,15 +186,18 @@ class _FusedLogprobs(torch.autograd.Function):
             )
             if grad_hidden is not None:
                 torch.mm(g, w, out=grad_hidden[sl])  # [C, H]
-            if grad_weight is not None:
-                grad_weight.addmm_(g.T, h)  # [V_local, H], no temporary
+            if ctx.needs_input_grad[1]:
+                if grad_weight is None:
+                    grad_weight = g.T @ h  # [V_local, H]
+                else:
+                    grad_weight.addmm_(g.T, h)  # no temporary
             del g
         if grad_hidden is not None:
             # hidden is replicated over the TP group: its gradient is the sum of every shard's part.
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
             grad_hidden = grad_hidden.to(hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

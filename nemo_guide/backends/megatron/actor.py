@@ -190,6 +190,10 @@ class MegatronActor:
         With tied embeddings split over pipeline stages, the embedding's and the output
         copy's gradients are summed over the embedding group, as Megatron's
         ``finalize_model_grads`` does. Returns the reduced metrics on every rank.
+
+        Gradients are this rank's, for its data-parallel share of the batch: averaging
+        them over data-parallel ranks and the optimizer step belong to the trainer's
+        optimizer wrapper, not to the actor.
         """
         self.model.train()
         micro, seq_len = self._micro_batches(batch, "plain", micro_batch_size)
