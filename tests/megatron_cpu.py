@@ -72,9 +72,11 @@ def init_worker(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1,
         patch_torch_cuda()
         CudaToCpu().__enter__()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    from nemo_guide.backends.megatron.model import initialize_parallel
+
+    initialize_parallel(tp, pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

@@ -125,13 +125,15 @@ def worker(rank: int, runs: dict, micro_batch_size: int, layer_spec: str = "loca
     """
     from megatron.core import parallel_state
 
-    from nemo_guide.backends.megatron.actor import MegatronActor
-    from nemo_guide.backends.megatron.model import MegatronModelConfig, load_hf_model
+    from nemo_guide.backends.megatron.actor import actor_from_config
+    from nemo_guide.config import BackendConfig
 
     out = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     for family, (model_dir, batch) in runs.items():
-        model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec=layer_spec))
-        actor = MegatronActor(model, pad_id=0, logprob_chunk_size=5)
+        tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
+        cfg = BackendConfig(name="megatron", model=model_dir, dtype="float32", tensor_parallel=tp, pipeline_parallel=pp, logprob_chunk_size=5)
+        actor = actor_from_config(cfg, pad_id=0, layer_spec=layer_spec)
+        model = actor.model
         lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
         lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
         metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)

@@ -168,3 +168,28 @@ def test_gpu_actor_matches_hf(setup, tmp_path):
         grads = megatron_to_hf(full_grads("tp2" if tp == 2 else "tp1", ranks, family, shape), shape)
         for key, expected in hf_grads.items():
             torch.testing.assert_close(grads[key], expected, atol=1e-3, rtol=5e-2, msg=key)
+
+
+def test_initialize_parallel_refuses_sizes_that_do_not_split_the_world(monkeypatch):
+    import torch.distributed as dist
+
+    from nemo_guide.backends.megatron.model import initialize_parallel
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        initialize_parallel(1, 1)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(megatron_cpu.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"backend.tensor_parallel=2 x backend.pipeline_parallel=1"):
+            initialize_parallel(2, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_actor_refuses_the_builtin_model():
+    from nemo_guide.backends.megatron.actor import actor_from_config
+    from nemo_guide.config import BackendConfig
+
+    with pytest.raises(ValueError, match="Hugging Face Qwen2/Llama"):
+        actor_from_config(BackendConfig(name="megatron"), pad_id=0)

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from nemo_guide.backends.base import Context, LossFn, RolloutBatch
 from nemo_guide.backends.megatron._mcore import GPTModel, get_forward_backward_func, parallel_state
-from nemo_guide.backends.megatron.model import hidden_states, output_weight
+from nemo_guide.backends.megatron.model import MegatronModelConfig, hidden_states, load_hf_model, output_weight
+from nemo_guide.config import BackendConfig
 from nemo_guide.kernels.logprobs import fused_logprobs
 from nemo_guide.tracking import reduce_metrics
 
@@ -216,3 +217,12 @@ class MegatronActor:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+def actor_from_config(cfg: BackendConfig, *, pad_id: int, temperature: float = 1.0, layer_spec: str = "auto") -> MegatronActor:
+    """This rank's actor for ``backend.model`` (a Hugging Face directory) in ``backend.dtype``,
+    after :func:`~nemo_guide.backends.megatron.model.initialize_parallel`."""
+    if cfg.model.startswith("builtin:"):
+        raise ValueError(f"backend.model = {cfg.model!r}: the Megatron backend loads Hugging Face Qwen2/Llama directories")
+    model, _ = load_hf_model(cfg.model, MegatronModelConfig(dtype=cfg.dtype, layer_spec=layer_spec))
+    return MegatronActor(model, pad_id=pad_id, temperature=temperature, logprob_chunk_size=cfg.logprob_chunk_size)

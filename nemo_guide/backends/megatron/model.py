@@ -59,6 +59,23 @@ class MegatronModelConfig:
         return self.layer_spec == "te" or (self.layer_spec == "auto" and HAVE_TE and torch.cuda.is_available())
 
 
+def initialize_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Megatron's parallel state for ``backend.tensor_parallel`` x ``backend.pipeline_parallel``
+    (data parallel = the rest of the world). Call once per process after ``init_process_group``."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised; launch with srun/torchrun and call init_process_group first")
+    world = dist.get_world_size()
+    if tensor_parallel < 1 or pipeline_parallel < 1 or world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} does not split into backend.tensor_parallel={tensor_parallel} x "
+            f"backend.pipeline_parallel={pipeline_parallel} model-parallel groups; launch a multiple of "
+            f"{max(1, tensor_parallel * pipeline_parallel)} ranks or change the sizes"
+        )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+
+
 def transformer_config(shape: ModelShape, cfg: MegatronModelConfig, *, on_cpu: bool = False) -> TransformerConfig:
     """Megatron's ``TransformerConfig`` for ``shape`` under the current parallel state."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
