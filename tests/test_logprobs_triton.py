@@ -12,9 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from nemo_guide.kernels.logprobs import fused_logprobs, torch_shard_stats  # noqa: E402
+from nemo_guide.kernels.logprobs import fused_logprobs, torch_grad_logits, torch_shard_stats  # noqa: E402
 from nemo_guide.kernels.logprobs_triton import triton_grad_logits, triton_shard_stats  # noqa: E402
-from nemo_guide.kernels.logprobs import torch_grad_logits  # noqa: E402
 
 
 def inputs(t, v, h, dtype=torch.float32, device="cpu", seed=0):

@@ -7,7 +7,7 @@ two never disagree on head counts or which biases exist. Pure Python.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,6 @@ class ModelShape:
                 problems.append(f"num_hidden_layers = {self.num_layers} is not divisible by pipeline_model_parallel_size = {pp}")
         if problems:
             raise ValueError("model and parallel layout do not fit: " + "; ".join(problems) + "; choose sizes that divide them")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rope(config: dict, source: str) -> tuple[float, bool]:
