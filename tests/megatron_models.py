@@ -4,6 +4,7 @@ the Megatron tests, plus the worker that runs in each spawned gloo process."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from nemo_guide.backends.base import RolloutBatch
 from nemo_guide.config import AlgorithmConfig
@@ -83,21 +84,17 @@ def hf_reference(model_dir, batch: RolloutBatch):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    n, width = len(batch), batch.response_length
+    width = batch.response_length
 
     def score(prompts):
-        lp = torch.zeros(n, width)
-        ent = torch.zeros(n, width)
-        rows_lp, rows_ent = [], []
-        for i, (p, o) in enumerate(zip(prompts, batch.response_ids)):
+        lp_rows, ent_rows = [], []
+        for p, o in zip(prompts, batch.response_ids, strict=True):
             logits = model(torch.tensor([p + o])).logits[0, len(p) - 1 : len(p) - 1 + len(o)].float()
-            logp = torch.log_softmax(logits, -1)
-            rows_lp.append(logp.gather(-1, torch.tensor(o).unsqueeze(-1)).squeeze(-1))
-            rows_ent.append(-(logp.exp() * logp).sum(-1))
-        for i, (a, b) in enumerate(zip(rows_lp, rows_ent)):
-            lp = lp.index_put((torch.full((len(a),), i), torch.arange(len(a))), a)
-            ent = ent.index_put((torch.full((len(b),), i), torch.arange(len(b))), b)
-        return lp, ent
+            logp = torch.log_softmax(logits, -1)  # [len(o), V]
+            pad = (0, width - len(o))
+            lp_rows.append(F.pad(logp.gather(-1, torch.tensor(o).unsqueeze(-1)).squeeze(-1), pad))
+            ent_rows.append(F.pad(-(logp.exp() * logp).sum(-1), pad))
+        return torch.stack(lp_rows), torch.stack(ent_rows)  # [N, L] each
 
     with torch.no_grad():
         lp_sample, _ = score(batch.sample_prompt_ids)

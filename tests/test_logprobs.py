@@ -1,10 +1,11 @@
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_cpu import free_port
 
 from nemo_guide.kernels.logprobs import fused_logprobs
 
@@ -59,12 +60,6 @@ def test_input_validation():
         fused_logprobs(torch.randn(2, 3), torch.randn(5, 4), torch.tensor([0, 1]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank, world, port, queue, impl):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -100,6 +95,6 @@ def test_vocab_parallel_gloo_matches_full_vocabulary(world, impl):
         pytest.importorskip("triton")  # on CPU its interpreter (TRITON_INTERPRET=1, inherited by the workers)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_tp_worker, args=(world, _free_port(), queue, impl), nprocs=world, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(world, free_port(), queue, impl), nprocs=world, start_method="spawn")
     results = dict(queue.get() for _ in range(world))
     assert results == {r: "ok" for r in range(world)}

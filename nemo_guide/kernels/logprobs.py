@@ -72,11 +72,11 @@ def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int
     """:func:`shard_stats_` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
     parts = [shard_stats_(shard_logits(hidden[i : i + chunk_size], weight, dtype), targets[i : i + chunk_size], vocab_start, with_entropy)
              for i in range(0, hidden.shape[0], chunk_size)]
-    m, s, a, t = (torch.cat([p[k] for p in parts]) if parts and parts[0][k] is not None else None for k in range(4))
-    if m is None:  # T = 0
-        m = s = t = torch.empty(0, dtype=dtype, device=hidden.device)
-        a = torch.empty_like(m) if with_entropy else None
-    return m, s, a, t
+    if not parts:  # T = 0
+        empty = torch.empty(0, dtype=dtype, device=hidden.device)
+        return empty, empty, (empty if with_entropy else None), empty
+    m, s, a, t = zip(*parts)
+    return torch.cat(m), torch.cat(s), (torch.cat(a) if with_entropy else None), torch.cat(t)
 
 
 def grad_logits_(
