@@ -61,8 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _benchmarks(args: argparse.Namespace, cfg) -> list:
     from nemo_guide.data.records import load_records
     from nemo_guide.data.sources import load_split, resolve_eval
+    from nemo_guide.errors import RunError
     from nemo_guide.evaluation import Benchmark
-    from nemo_guide.loop import RunError
 
     out = []
     for item in args.benchmark or []:
@@ -81,6 +81,7 @@ def _benchmarks(args: argparse.Namespace, cfg) -> list:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from nemo_guide.data.sources import default_reward
     from nemo_guide.evaluation import SamplingSpec, evaluate_benchmarks, markdown_table, read_samples, summarize
+    from nemo_guide.prompts import PromptSettings
     from nemo_guide.rewards import make_reward
 
     overrides, ckpt = _split_checkpoint(list(args.overrides))
@@ -89,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     benchmarks = _benchmarks(args, cfg)
     backend = make_backend(cfg)
     if ckpt is not None:
-        backend.load(Path(ckpt), weights_only=True)
+        backend.load_weights(Path(ckpt))
     out_dir = Path(args.out) if args.out else (Path(ckpt) / "eval" if ckpt else cfg.run.run_dir / "eval")
     if args.reward:
         reward_name = args.reward
@@ -99,21 +100,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reward_name = "exact" if all(b.split("=")[-1].startswith("builtin:") for b in args.benchmark) else "math"
     else:
         reward_name = default_reward(cfg.data.train)
-    reward_fn = make_reward(reward_name)
+    reward_fn = make_reward(reward_name, num_workers=cfg.data.reward_workers)
     spec = SamplingSpec(
         n=args.n,
         temperature=args.temperature if args.temperature is not None else cfg.generation.temperature,
         top_p=cfg.generation.top_p,
-        max_new_tokens=cfg.generation.max_new_tokens,
         with_hints=args.with_hints,
         seed=cfg.run.seed,
     )
     try:
-        path = evaluate_benchmarks(
-            backend, benchmarks, reward_fn, spec, out_dir,
-            prompt_style=cfg.data.prompt_style, hint_template=cfg.data.hint_template, system_prompt=cfg.data.system_prompt,
-            progress=not args.no_progress,
-        )
+        path = evaluate_benchmarks(backend, backend, benchmarks, reward_fn, spec, PromptSettings.from_config(cfg), out_dir, progress=not args.no_progress)
     finally:
         reward_fn.close()
     names = {b.name for b in benchmarks}
@@ -273,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from nemo_guide.config import ConfigError
     from nemo_guide.data.records import DataError
-    from nemo_guide.loop import RunError
+    from nemo_guide.errors import RunError
 
     args = build_parser().parse_args(argv)
     try:

@@ -191,6 +191,9 @@ class DataConfig(_Section):
     reward: Literal["auto", "math", "exact"] = "auto"
     """Verifier: ``math`` (math-verify on the last \\boxed{} or <answer>), ``exact`` (text after the
     last ``A:``), ``auto`` (exact for builtin: tasks, else math)."""
+    reward_workers: int = 1
+    """Verifier processes of the math reward; one worker bottlenecks real runs (use ~1 per CPU core
+    left free by the trainer, e.g. 8 on a GPU node)."""
 
     def check(self) -> list[str]:
         p: list[str] = []
@@ -208,6 +211,8 @@ class DataConfig(_Section):
             p.append(f"{s}.max_prompt_tokens = {self.max_prompt_tokens}: must be >= 1")
         if self.reward not in ("auto", "math", "exact"):
             p.append(f"{s}.reward = {self.reward!r}: choose 'auto', 'math' or 'exact'")
+        if self.reward_workers < 1:
+            p.append(f"{s}.reward_workers = {self.reward_workers}: must be >= 1 (verifier processes)")
         if self.eval_limit is not None and self.eval_limit < 1:
             p.append(f"{s}.eval_limit = {self.eval_limit}: must be >= 1 or null")
         return p

@@ -1,4 +1,9 @@
-"""Benchmark evaluation: greedy and sampled answers, pass@1 / pass@k with confidence intervals.
+"""Evaluation: held-out pass@1 during training, and benchmark pass@1 / pass@k with confidence intervals.
+
+One path: :func:`answer_batch` answers and verifies a batch of prepared prompts
+(:mod:`nemo_guide.prompts`: one templating, one overflow rule) for both callers,
+:func:`heldout_pass1` (the training loop's evaluation) and :func:`evaluate_benchmarks`
+(``nemo-guide eval``).
 
 :func:`evaluate_benchmarks` generates, for every problem of every benchmark, one greedy
 answer and ``n`` samples at a temperature (and the same with the hint when
@@ -17,12 +22,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from nemo_guide.backends.base import PolicyBackend
+from nemo_guide.backends.base import Generator, PromptTokenizer
 from nemo_guide.core.metrics import pass_at_k
 from nemo_guide.data.records import Record
-from nemo_guide.data.templates import PromptStyle, build_prompt
+from nemo_guide.prompts import Prompt, PromptSet, PromptSettings, encode_prompts
+from nemo_guide.rewards import RewardFn, is_correct
 
 SAMPLES_FILE = "samples.jsonl"
 Z95 = 1.959964
@@ -40,7 +46,6 @@ class SamplingSpec:
     """Samples per problem at ``temperature`` (0: greedy only)."""
     temperature: float = 0.6
     top_p: float = 1.0
-    max_new_tokens: int = 256
     with_hints: bool = False
     """Also evaluate the hinted prompt of records that have a hint (Figure 2)."""
     seed: int = 0
@@ -63,24 +68,24 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _prompt_text(record: Record, guided: bool, style: str, hint_template: str | None, tokenizer: Any, system_prompt: str | None) -> str:
-    return build_prompt(record.problem, style, hint=record.hint if guided else None, hint_template=hint_template, tokenizer=tokenizer, system_prompt=system_prompt)
-
-
 def evaluate_benchmarks(
-    backend: PolicyBackend,
+    generator: Generator,
+    tokenizer: PromptTokenizer,
     benchmarks: Sequence[Benchmark],
-    reward_fn: Callable,
+    reward_fn: RewardFn,
     spec: SamplingSpec,
+    settings: PromptSettings,
     out_dir: Path,
     *,
-    prompt_style: str = "plain",
-    hint_template: str | None = None,
-    system_prompt: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> Path:
-    """Generate and score every missing sample; returns the samples file."""
+    """Generate and score every missing sample; returns the samples file.
+
+    Prompts are prepared by :func:`nemo_guide.prompts.encode_prompts` with ``settings``
+    (whose ``max_new_tokens`` is the answer budget); a prompt that cannot be run is
+    written as an incorrect sample with its reason in ``error``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SAMPLES_FILE
@@ -88,14 +93,13 @@ def evaluate_benchmarks(
     for row in read_samples(path):
         have.setdefault((row["benchmark"], row["id"], row["guided"]), set()).add(row["sample"])
     wanted = set(range(-1, spec.n))
-    tokenizer = getattr(getattr(backend, "adapter", None), "tokenizer", None)
-    add_special = prompt_style != PromptStyle.CHAT.value
-    jobs: list[tuple[str, Record, bool, int]] = []  # (benchmark, record, guided, sample)
+    jobs: list[tuple[str, Record, bool, int, Prompt]] = []  # (benchmark, record, guided, sample, prompt)
     for bench in benchmarks:
-        for record in bench.records:
-            for guided in (False, True) if spec.with_hints and record.hint else (False,):
+        prompts = encode_prompts(bench.records, tokenizer, settings, hinted=spec.with_hints)
+        for record, plain, hinted in zip(prompts.records, prompts.plain, prompts.hinted, strict=True):
+            for guided, prompt in ((False, plain), (True, hinted)) if hinted is not None else ((False, plain),):
                 done = have.get((bench.name, record.id, guided), set())
-                jobs += [(bench.name, record, guided, s) for s in sorted(wanted - done)]
+                jobs += [(bench.name, record, guided, s, prompt) for s in sorted(wanted - done)]
     bar = None
     if progress and jobs:
         from tqdm.auto import tqdm
@@ -104,27 +108,15 @@ def evaluate_benchmarks(
     with path.open("a", encoding="utf-8") as f:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
-            texts = [_prompt_text(r, g, prompt_style, hint_template, tokenizer, system_prompt) for _, r, g, _ in chunk]
-            ids, errors = _encode_all(backend, texts, add_special, spec.max_new_tokens)
-            outputs: list[str] = [""] * len(chunk)
-            for greedy in (True, False):
-                rows = [i for i, job in enumerate(chunk) if (job[3] == -1) == greedy and errors[i] is None]
-                if not rows:
-                    continue
-                responses, _ = backend.generate(
-                    [ids[i] for i in rows],
-                    max_new_tokens=spec.max_new_tokens,
-                    temperature=0.0 if greedy else spec.temperature,
-                    top_p=spec.top_p,
-                    seed=spec.seed * 1_000_003 + start,
-                )
-                for i, resp in zip(rows, responses):
-                    outputs[i] = backend.decode(resp)
-            scores = reward_fn(texts, outputs, answers=[r.answer for _, r, _, _ in chunk])
-            for (bench, record, guided, sample), text, score, error in zip(chunk, outputs, scores, errors):
-                row = {"benchmark": bench, "id": record.id, "sample": sample, "guided": guided, "text": text, "correct": bool(score > 0.5) and error is None}
-                if error is not None:
-                    row["error"] = error
+            texts, correct = answer_batch(
+                generator, tokenizer, reward_fn, [job[4] for job in chunk], [job[1].answer for job in chunk],
+                [0.0 if job[3] == -1 else spec.temperature for job in chunk],
+                top_p=spec.top_p, max_new_tokens=settings.max_new_tokens, seed=spec.seed * 1_000_003 + start,
+            )
+            for (bench, record, guided, sample, prompt), text, ok in zip(chunk, texts, correct, strict=True):
+                row = {"benchmark": bench, "id": record.id, "sample": sample, "guided": guided, "text": text, "correct": ok}
+                if prompt.problem is not None:
+                    row["error"] = f"the prompt {prompt.problem}"
                 f.write(json.dumps(row) + "\n")
             f.flush()
             if bar is not None:
@@ -134,31 +126,78 @@ def evaluate_benchmarks(
     return path
 
 
-def _encode_all(backend: PolicyBackend, texts: list[str], add_special: bool, max_new_tokens: int) -> tuple[list[list[int]], list[str | None]]:
-    """Token ids per prompt, and why a prompt cannot be run (None if it can).
+def answer_batch(
+    generator: Generator,
+    tokenizer: PromptTokenizer,
+    reward_fn: RewardFn,
+    prompts: Sequence[Prompt],
+    answers: Sequence[str],
+    temperatures: Sequence[float],
+    *,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[list[str], list[bool]]:
+    """Answer and verify one batch of prepared prompts: the step every evaluation shares.
 
-    A prompt the policy cannot take (characters its tokenizer lacks, or longer than its
-    context minus ``max_new_tokens``) is scored incorrect with the reason in the sample's
-    ``error`` field and counted as ``unscorable`` in the summary: never dropped silently.
+    Rows are generated one temperature at a time (ascending, so greedy rows first), each
+    call seeded with ``seed``. A prompt that cannot be run (``Prompt.problem``, the one
+    overflow rule of :mod:`nemo_guide.prompts`) gets no generation, an empty answer and
+    ``False``: scored incorrect, never dropped. Correctness is
+    :func:`nemo_guide.rewards.is_correct`, as in training.
+
+    Returns:
+        ``(answer texts, correct)``, one each per prompt.
     """
-    limit = getattr(backend, "max_length", None)
-    ids: list[list[int]] = []
-    errors: list[str | None] = []
-    for text in texts:
-        try:
-            seq = backend.encode(text, add_special_tokens=add_special)
-        except ValueError as exc:
-            ids.append([])
-            errors.append(f"cannot encode the prompt: {exc}")
+    texts = [""] * len(prompts)
+    for temperature in sorted(set(temperatures)):
+        rows = [i for i, (p, t) in enumerate(zip(prompts, temperatures, strict=True)) if t == temperature and p.problem is None]
+        if not rows:
             continue
-        ids.append(seq)
-        if limit is not None and len(seq) + max_new_tokens > limit:
-            errors.append(f"prompt of {len(seq)} tokens + max_new_tokens {max_new_tokens} exceeds the model's context {limit}")
-        elif not seq:
-            errors.append("empty prompt")
-        else:
-            errors.append(None)
-    return ids, errors
+        responses, _ = generator.generate(
+            [prompts[i].ids for i in rows], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        for i, response in zip(rows, responses, strict=True):
+            texts[i] = tokenizer.decode(response)
+    scores = reward_fn([p.text for p in prompts], texts, answers=list(answers))
+    return texts, [is_correct(s) and p.problem is None for s, p in zip(scores, prompts, strict=True)]
+
+
+def heldout_pass1(
+    generator: Generator,
+    tokenizer: PromptTokenizer,
+    reward_fn: RewardFn,
+    prompts: PromptSet,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Held-out pass@1 without hints during training (greedy when ``temperature == 0``),
+    overall and per record ``kind`` (the built-in tasks' known / novel / unseen operators);
+    ``eval/unscorable`` counts prompts the policy could not take (scored 0), when any."""
+    correct: list[bool] = []
+    for start in range(0, len(prompts.records), batch_size):
+        chunk = slice(start, start + batch_size)
+        records = prompts.records[chunk]
+        _, ok = answer_batch(
+            generator, tokenizer, reward_fn, prompts.plain[chunk], [r.answer for r in records], [temperature] * len(records),
+            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + start,
+        )
+        correct += ok
+    out = {"eval/pass1": sum(correct) / max(1, len(correct)), "eval/problems": float(len(correct))}
+    unscorable = sum(p.problem is not None for p in prompts.plain)
+    if unscorable:
+        out["eval/unscorable"] = float(unscorable)
+    kinds: dict[str, list[bool]] = {}
+    for record, c in zip(prompts.records, correct, strict=True):
+        if "kind" in record.extra:
+            kinds.setdefault(str(record.extra["kind"]), []).append(c)
+    for kind, values in sorted(kinds.items()):
+        out[f"eval/pass1_{kind}"] = sum(values) / len(values)
+    return out
 
 
 # -- summaries -------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def make_batch(seed: int = 0) -> RolloutBatch:
 
 def loss_fn():
     """The real Guide-GRPO surrogate (guided tokens unclipped) with an entropy bonus."""
-    from nemo_guide.loop import policy_loss_fn
+    from nemo_guide.steps import policy_loss_fn
 
     return policy_loss_fn(AlgorithmConfig(entropy_coef=0.01, clip_low=0.1, clip_high=0.1), num_prompts=3)
 

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.cli import main, make_backend
 from nemo_guide.data.records import Record, write_records
-from nemo_guide.loop import PromptSampler, RunError, train
+from nemo_guide.errors import RunError
+from nemo_guide.loop import train
+from nemo_guide.prompts import PromptSampler
 from nemo_guide.tracking import read_metrics
 
 EXPECTED_METRICS = {
@@ -32,8 +34,8 @@ EXPECTED_METRICS = {
 }
 
 
-def run(cfg, backend=None):
-    return train(cfg, backend or make_backend(cfg), progress=False, log=lambda s: None)
+def run(cfg, backend=None, **injected):
+    return train(cfg, backend or make_backend(cfg), progress=False, log=lambda s: None, **injected)
 
 
 def test_main_job_short(tiny_cfg):
@@ -209,11 +211,9 @@ def test_modes_run(tiny_cfg, overrides):
         assert rows[-1]["plain/ratio_max"] != 1.0
 
 
-def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir, monkeypatch):
+def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir):
     # A random policy never earns the exact reward, so every advantage would be 0. Score by
     # response length instead (a fixed, non-constant rule) so that the update has a signal.
-    import nemo_guide.loop as loop_module
-
     class LengthParity:
         def __call__(self, prompts, completions, *, answers):
             return [float(len(c) % 2) for c in completions]
@@ -221,12 +221,11 @@ def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir, monkeypatch):
         def close(self):
             """Nothing to release."""
 
-    monkeypatch.setattr(loop_module, "make_reward", lambda name: LengthParity())
     cfg = tiny_cfg("run.steps=2", f"backend.model={tiny_qwen2_dir}", "data.eval_limit=2", "generation.max_new_tokens=24", "optim.lr=1e-3")
     backend = make_backend(cfg)
     assert isinstance(backend, TorchBackend) and backend.adapter.kind == "hf"
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
-    summary = run(cfg, backend)
+    summary = run(cfg, backend, reward_fn=LengthParity())
     assert summary["steps"] == 2
     rows = read_metrics(cfg.run.run_dir)
     assert all(r["optim/skipped"] == 0 for r in rows[1:])
@@ -260,9 +259,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "did you mean 'algorithm.group_size'" in capsys.readouterr().err
 
 
-def test_non_finite_updates_are_counted_then_stop_the_run(tiny_cfg, monkeypatch):
-    import nemo_guide.loop as loop_module
-
+def test_non_finite_updates_are_counted_then_stop_the_run(tiny_cfg):
     cfg = tiny_cfg("run.steps=5", "data.eval_limit=1")
     backend = make_backend(cfg)
     weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
@@ -270,9 +267,8 @@ def test_non_finite_updates_are_counted_then_stop_the_run(tiny_cfg, monkeypatch)
     def nan_loss(micro, logprobs, entropy, mini):
         return logprobs.sum() * float("nan"), {}
 
-    monkeypatch.setattr(loop_module, "policy_loss_fn", lambda algo, num_prompts: nan_loss)
     with pytest.raises(RunError, match=r"(?s)last 3 steps had a non-finite.*Lower optim.lr"):
-        run(cfg, backend)
+        run(cfg, backend, loss_fn=nan_loss)
     rows = read_metrics(cfg.run.run_dir)
     assert [r["optim/skipped"] for r in rows[1:]] == [1.0, 1.0]  # steps 1 and 2 logged; step 3 raised
     assert all(torch.equal(weights[k], v) for k, v in backend.model.state_dict().items())

@@ -1,17 +1,18 @@
 """The embedded backend: sampling, KV cache, dual-context log-probs, micro-batching, checkpoints."""
 
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_guide.backends.base import PolicyBackend
+from nemo_guide.backends.base import Generator, Policy, PromptTokenizer
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, load_tiny, sampling_step, save_tiny, sequence_logits
 from nemo_guide.config import BackendConfig, OptimConfig
-from nemo_guide.loop import build_batch, micro_share, policy_loss_fn
+from nemo_guide.steps import build_batch, micro_share, policy_loss_fn
 from nemo_guide.config import AlgorithmConfig
 
 
@@ -88,8 +89,21 @@ def test_generation_is_seeded_and_stops_at_eos(random_tiny):
         assert all(t not in backend.eos_ids for t in response[:-1])
 
 
-def test_backend_satisfies_protocol(random_tiny):
-    assert isinstance(make_backend(random_tiny), PolicyBackend)
+@pytest.mark.parametrize("protocol", [PromptTokenizer, Generator, Policy])
+def test_backend_implements_every_declared_member(random_tiny, protocol):
+    """Each role's attributes exist, and each method takes every parameter the protocol declares
+    (same name and kind), so a host can call the backend through the protocol alone."""
+    backend = make_backend(random_tiny)
+    attributes = [name for name in protocol.__annotations__ if not name.startswith("_")]
+    methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
+    assert attributes or methods
+    for name in attributes:
+        assert name in vars(backend), f"TorchBackend lacks attribute {name}"
+    for name in methods:
+        declared = inspect.signature(vars(protocol)[name]).parameters
+        actual = inspect.signature(getattr(type(backend), name)).parameters
+        for param in declared.values():
+            assert param.name in actual and actual[param.name].kind == param.kind, f"{name}({param.name})"
 
 
 def _dual_batch(backend):
@@ -201,7 +215,7 @@ def test_save_load_roundtrip(random_tiny, tmp_path):
     # Weights from another model are refused with a clear message.
     wrong = tmp_path / "wrong.safetensors"
     save_tiny(wrong, TinyDecoder(TinyConfig(d_model=16, n_layer=1, n_head=2, d_ff=32)))
-    with pytest.raises(Exception, match="does not fit|size mismatch|shape"):
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors does not fit backend.model = .*wrong.safetensors.*size mismatch.*another model"):
         make_backend(wrong).load(tmp_path / "ckpt")
 
 

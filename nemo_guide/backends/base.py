@@ -1,16 +1,28 @@
-"""The ``PolicyBackend`` protocol and the dual-context rollout batch (DESIGN section 3).
+"""What a host trainer needs from a policy implementation, and the dual-context batch.
 
-The loop (``nemo_guide/loop.py``) sees only this protocol; the embedded torch backend
-and the Megatron backend implement it. A backend owns the model, the tokenizer, the
-optimizer and the frozen reference policy; every algorithmic decision stays in
-``nemo_guide.core`` and the loop.
+Three small protocols, one per role (STYLE point 18), each declaring every member its
+callers use, so that a host calls them without probing:
+
+- :class:`PromptTokenizer`: text <-> token ids, special ids, the context length, the
+  chat template (prompt preparation, decoding, evaluation);
+- :class:`Generator`: rollouts from the current weights (pi_old for the step);
+- :class:`Policy`: dual-context log-probs (with and without the reference), the update
+  step, checkpoints.
+
+:class:`PolicyBackend` is all three in one object: the embedded torch backend
+(``backends/torch``). A host whose roles live in different places (NeMo-Aligner: a
+TensorRT-LLM engine generates, the Megatron actor scores and trains) implements each
+protocol where it belongs. Every algorithmic decision stays in ``nemo_guide.core`` and
+the named steps of ``nemo_guide.steps``.
+
+The :class:`RolloutBatch` is DESIGN section 3's dual-context batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 
@@ -85,24 +97,34 @@ class RolloutBatch:
 LossFn = Callable[["RolloutBatch", torch.Tensor, "torch.Tensor | None", "RolloutBatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(micro_batch, logprobs [n, L], entropy [n, L] | None, mini_batch) -> (loss, metrics)``.
 
-Called once per micro-batch; the backend sums the returned losses' gradients over the
+Called once per micro-batch; the policy sums the returned losses' gradients over the
 micro-batches of one mini-batch, so the loss must already carry the micro-batch's share
-of the mini-batch (see ``nemo_guide.loop.micro_share``)."""
+of the mini-batch (see ``nemo_guide.steps.micro_share``)."""
 
 
-@runtime_checkable
-class PolicyBackend(Protocol):
-    """What the training loop needs from a policy implementation."""
+class PromptTokenizer(Protocol):
+    """Text <-> token ids for prompts and responses."""
 
     pad_id: int
+    """Token id of padding."""
     eos_ids: tuple[int, ...]
+    """Token ids that end a response; ``eos_ids[0]`` is appended to reference solutions."""
+    max_length: int | None
+    """Context length in tokens (prompt + response), None where unbounded."""
+    chat_tokenizer: Any | None
+    """A Hugging Face tokenizer with ``apply_chat_template`` (``data.prompt_style=chat``), or None."""
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Prompt text (already templated) to token ids; ``add_special_tokens=False`` for text
-        whose template already holds them (chat templates) and for reference solutions."""
+        whose template already holds them (chat templates) and for reference solutions.
+        Raises ``ValueError`` for text the tokenizer cannot represent."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Response ids to text, without special tokens."""
+
+
+class Generator(Protocol):
+    """Rollouts from the current policy."""
 
     def generate(
         self,
@@ -113,10 +135,20 @@ class PolicyBackend(Protocol):
         top_p: float,
         seed: int,
     ) -> tuple[list[list[int]], list[bool]]:
-        """One response per prompt from the current policy (which is pi_old for this step).
+        """One response per prompt from the current weights (pi_old for this step);
+        ``temperature == 0`` is greedy.
 
-        Returns ``(responses, finished)``; deterministic for a given ``seed``.
+        Returns ``(responses, finished)``: token ids (ending with EOS when the model
+        stopped) and whether each stopped before ``max_new_tokens``. Deterministic for a
+        given ``seed``.
         """
+
+
+class Policy(Protocol):
+    """Scoring and training of the policy (and the frozen reference)."""
+
+    def describe(self) -> str:
+        """One line naming the model, its size, device and dtype (for logs)."""
 
     def logprobs(
         self,
@@ -129,19 +161,18 @@ class PolicyBackend(Protocol):
         """log pi(response token | prompt of ``context``, earlier response tokens), no gradient.
 
         ``reference=True`` scores with the frozen reference policy. Returns
-        ``(logprobs [N, L], entropy [N, L] | None)``, zero where ``loss_mask`` and the
-        response are padding.
+        ``(logprobs [N, L], entropy [N, L] | None)`` on the CPU, zero where the response
+        is padding.
         """
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, with_entropy: bool = False) -> dict[str, float]:
         """One optimizer step on ``batch`` (a mini-batch), scored behind the plain prompt.
 
         Micro-batches of ``micro_batch_size`` rollouts accumulate gradients (``loss_fn`` gets
-        the per-token entropy too when ``with_entropy``); then the
-        gradient norm is clipped and the optimizer steps. A non-finite loss or gradient
-        skips the step (``optim/skipped = 1``) instead of corrupting the weights.
-        Returns the reduced loss metrics plus ``optim/grad_norm``, ``optim/lr`` and
-        ``optim/skipped``.
+        the per-token entropy too when ``with_entropy``); then the gradient norm is clipped
+        and the optimizer steps. A non-finite loss or gradient skips the step
+        (``optim/skipped = 1``) instead of corrupting the weights. Returns the reduced loss
+        metrics plus ``optim/grad_norm``, ``optim/lr`` and ``optim/skipped``.
         """
 
     def snapshot_reference(self) -> None:
@@ -151,4 +182,11 @@ class PolicyBackend(Protocol):
         """Write weights (safetensors) and optimizer state into ``directory`` (which exists)."""
 
     def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote."""
+        """Restore everything :meth:`save` wrote (exact resume)."""
+
+    def load_weights(self, directory: Path) -> None:
+        """Restore only the weights :meth:`save` wrote (evaluation of a checkpoint)."""
+
+
+class PolicyBackend(PromptTokenizer, Generator, Policy, Protocol):
+    """All three roles in one object: what the embedded loop (``nemo_guide.loop``) runs on."""

@@ -1,4 +1,4 @@
-"""``TorchBackend``: the embedded :class:`~nemo_guide.backends.base.PolicyBackend`.
+"""``TorchBackend``: the embedded :class:`~nemo_guide.backends.base.PolicyBackend` (all three roles).
 
 One process, CPU or one GPU. Sampling uses the KV-cache loop of ``sampling.py``;
 log-probs of the response tokens behind either prompt go through ``fused_logprobs`` on
@@ -59,7 +59,8 @@ class TorchBackend:
         self.model.eval()
         self.pad_id = self.adapter.pad_id
         self.eos_ids = tuple(self.adapter.eos_ids)
-        self.max_length = self.adapter.max_length
+        self.max_length: int | None = self.adapter.max_length
+        self.chat_tokenizer = self.adapter.tokenizer if self.adapter.kind == "hf" else None
         self.reference: torch.nn.Module | None = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
@@ -194,21 +195,25 @@ class TorchBackend:
         save_model(self.model, str(Path(directory) / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, Path(directory) / "optimizer.pt")
 
-    def load(self, directory: Path, *, weights_only: bool = False) -> None:
-        from safetensors.torch import load_model
-
-        directory = Path(directory)
-        missing, unexpected = load_model(self.model, str(directory / "model.safetensors"), strict=False, device=str(self.device))
-        if unexpected or [m for m in missing if not self._tied(m)]:
-            raise ValueError(
-                f"{directory / 'model.safetensors'} does not fit backend.model = {self.cfg.model!r}: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; was it written by another model?"
-            )
-        if weights_only:
-            return
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+    def load(self, directory: Path) -> None:
+        self.load_weights(directory)
+        state = torch.load(Path(directory) / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def load_weights(self, directory: Path) -> None:
+        from safetensors.torch import load_model
+
+        path = Path(directory) / "model.safetensors"
+        try:
+            missing, unexpected = load_model(self.model, str(path), strict=False, device=str(self.device))
+        except RuntimeError as exc:  # tensors of another shape
+            raise ValueError(f"{path} does not fit backend.model = {self.cfg.model!r} ({str(exc).splitlines()[-1].strip()}); was it written by another model?") from None
+        if unexpected or [m for m in missing if not self._tied(m)]:
+            raise ValueError(
+                f"{path} does not fit backend.model = {self.cfg.model!r}: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; was it written by another model?"
+            )
 
     def _tied(self, name: str) -> bool:
         return name.endswith("lm_head.weight") and bool(getattr(getattr(self.model, "config", None), "tie_word_embeddings", False))
