@@ -97,3 +97,19 @@ def test_megatron_and_triton_are_imported_in_one_guarded_place_each():
     code = "import sys, torch\nfrom nemo_guide.kernels.logprobs import fused_logprobs\nfused_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))\nassert 'triton' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+HOSTS = ("loop.py", "steps.py", "prompts.py", "evaluation.py", "cli.py")
+
+
+@pytest.mark.parametrize("module", HOSTS)
+def test_hosts_use_the_protocols_without_probing(module):
+    """The loop, the named steps, evaluation and the CLI call backends through the protocols of
+    backends/base.py: a getattr/hasattr call there means a member the protocols do not declare."""
+    tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
+    probes = [
+        f"{module}:{node.lineno}: {node.func.id}(...)"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+    ]
+    assert not probes, probes

@@ -183,32 +183,123 @@ def test_overlong_prompt_is_an_error(tiny_cfg, tmp_path):
         run(tiny_cfg("run.steps=1", f"data.train={data}"))
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ("algorithm.mode=grpo",),
-        ("algorithm.mode=filter_grpo",),
-        ("algorithm.mode=sft",),
-        ("algorithm.guided_group=replace", "algorithm.shaping=percentile", "algorithm.shaping_scope=rollout"),
-        ("algorithm.old_logprob_context=plain", "algorithm.kl_coef=0.01", "algorithm.ppo_epochs=2", "optim.mini_batch_size=8"),
-        ("algorithm.guidance_threshold=mostly_incorrect", "algorithm.aggregation=paper", "algorithm.entropy_coef=0.01"),
-    ],
-)
-def test_modes_run(tiny_cfg, overrides):
+class Recorder(Spy):
+    """A Spy that also records every mini-batch handed to train_step and its keyword arguments."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.minis = []
+
+    def train_step(self, batch, loss_fn, **kwargs):
+        self.minis.append((batch, kwargs))
+        return super().train_step(batch, loss_fn, **kwargs)
+
+
+def _run_recorded(tiny_cfg, *overrides):
     cfg = tiny_cfg("run.steps=2", "data.eval_limit=2", *overrides)
-    summary = run(cfg)
+    spy = Recorder(make_backend(cfg))
+    summary = run(cfg, spy)
     rows = read_metrics(cfg.run.run_dir)
-    assert summary["steps"] == 2 and rows[-1]["step"] == 2
-    assert rows[-1]["optim/skipped"] == 0
-    if cfg.algorithm.mode == "filter_grpo":  # groups with equal rewards are not trained on
-        assert rows[-1]["train/trained_rollouts"] == rows[-1]["train/rollouts"] * (1 - rows[-1]["train/filtered_frac"])
-    if cfg.algorithm.mode == "sft":
-        assert rows[-1]["loss/sft_nll"] > 0
-    if cfg.algorithm.mode == "grpo":
-        assert rows[-1]["train/guided_frac"] == 0
-    if cfg.algorithm.ppo_epochs == 2:
-        # two epochs over 16+ rollouts in mini-batches of 8: the ratio moves away from 1
-        assert rows[-1]["plain/ratio_max"] != 1.0
+    assert summary["steps"] == cfg.run.steps and [r["step"] for r in rows] == list(range(cfg.run.steps + 1))
+    assert all(r["optim/skipped"] == 0 for r in rows[1:])
+    return cfg, spy, rows[1:]
+
+
+def _groups(batch):
+    """group id -> (rewards of its rows in the batch, guided flags)."""
+    out = {}
+    for g, r, gd in zip(batch.group.tolist(), batch.rewards.tolist(), batch.guided.tolist(), strict=True):
+        out.setdefault(g, ([], []))
+        out[g][0].append(r)
+        out[g][1].append(gd)
+    return out
+
+
+def test_grpo_never_guides(tiny_cfg):
+    _, spy, rows = _run_recorded(tiny_cfg, "algorithm.mode=grpo")
+    assert all(r["train/guided_frac"] == 0 for r in rows)
+    assert not any(batch.guided.any() for batch, _ in spy.minis)
+
+
+def test_guide_grpo_trains_all_equal_groups_and_filter_grpo_drops_them(tiny_cfg):
+    # The warm start solves known operators, so some groups are all correct.
+    _, guide_spy, _ = _run_recorded(tiny_cfg, "run.name=guide")
+    assert any(len(set(r)) == 1 for batch, _ in guide_spy.minis for r, _ in _groups(batch).values())
+    _, spy, rows = _run_recorded(tiny_cfg, "algorithm.mode=filter_grpo", "run.name=filter")
+    assert sum(r["train/filtered_frac"] for r in rows) > 0
+    trained_steps = [r for r in rows if r["optim/updates"]]  # a step whose groups are all filtered has no update
+    assert all(r["train/trained_rollouts"] == 0 for r in rows if not r["optim/updates"])
+    for (batch, _), row in zip(spy.minis, trained_steps, strict=True):  # one mini-batch per trained step
+        groups = _groups(batch)
+        assert all(len(set(rewards)) == 2 for rewards, _ in groups.values())
+        assert row["train/trained_rollouts"] == len(batch) < row["train/rollouts"]
+
+
+def test_sft_trains_on_the_reference_solutions(tiny_cfg):
+    from nemo_guide.data.sources import load_split
+
+    cfg, spy, rows = _run_recorded(tiny_cfg, "algorithm.mode=sft")
+    solutions = {r.solution for r in load_split(cfg.data.train, "train")}
+    for batch, _ in spy.minis:
+        assert len(batch) == cfg.data.prompt_batch_size
+        assert all(spy.decode(ids) in solutions for ids in batch.response_ids)
+    assert all(r["loss/sft_nll"] > 0 for r in rows)
+
+
+def test_replace_trains_guided_groups_without_their_failed_plain_rollouts(tiny_cfg):
+    _, spy, rows = _run_recorded(tiny_cfg, "algorithm.guided_group=replace", "algorithm.shaping=percentile", "algorithm.shaping_scope=rollout")
+    guided_groups = 0
+    for batch, _ in spy.minis:
+        for rewards, guided in _groups(batch).values():
+            if any(guided):
+                guided_groups += 1
+                assert all(guided), "a failed plain rollout was trained next to its guided replacements"
+    assert guided_groups > 0
+    assert all(r["guided/shaping_gamma"] > 0 for r in rows if r["train/guided_frac"] > 0)
+
+
+def test_old_logprobs_on_the_plain_prompt_give_ratio_one_on_the_first_update(tiny_cfg):
+    """The first micro-batch of a step sees the weights that scored pi_old: its ratio is exactly 1
+    on every token when pi_old is scored on the plain prompt, but not for guided tokens when
+    pi_old is scored on the hinted prompt (the paper's default)."""
+    def first_ratios(*overrides):
+        _, spy, _ = _run_recorded(tiny_cfg, "run.steps=1", "algorithm.guidance_threshold=always", *overrides)
+        micro, new = spy.seen[0]
+        mask = micro.loss_mask
+        return (new - micro.old_logprobs)[mask], micro.guided[:, None].expand_as(mask)[mask]
+
+    diff, guided = first_ratios("algorithm.old_logprob_context=plain", "run.name=plain")
+    assert guided.any() and torch.equal(diff, torch.zeros_like(diff))
+    diff, guided = first_ratios("run.name=sampling")
+    assert diff[~guided].abs().max() == 0 and diff[guided].abs().max() > 1e-3
+
+
+def test_ppo_epochs_and_mini_batches(tiny_cfg):
+    _, spy, rows = _run_recorded(tiny_cfg, "algorithm.ppo_epochs=2", "optim.mini_batch_size=8", "algorithm.kl_coef=0.01")
+    start = 0
+    for row in rows:
+        n = int(row["train/trained_rollouts"])
+        updates = 2 * -(-n // 8)
+        assert row["optim/updates"] == updates
+        minis = [b for b, _ in spy.minis[start : start + updates]]
+        start += updates
+        half = updates // 2
+        for epoch in (minis[:half], minis[half:]):  # every trained rollout once per epoch
+            assert sum(len(b) for b in epoch) == n
+        assert all(b.ref_logprobs is not None for b in minis)
+    assert start == len(spy.minis)
+    assert rows[-1]["plain/ratio_max"] != 1.0  # later mini-batches see updated weights
+    assert all("loss/kl" in r for r in rows)
+
+
+def test_mostly_incorrect_guides_prompts_below_a_quarter(tiny_cfg):
+    _, spy, rows = _run_recorded(tiny_cfg, "algorithm.guidance_threshold=mostly_incorrect", "algorithm.aggregation=paper", "algorithm.entropy_coef=0.01")
+    for batch, kwargs in spy.minis:
+        assert kwargs["with_entropy"]
+        for rewards, guided in _groups(batch).values():
+            plain = [r for r, g in zip(rewards, guided, strict=True) if not g]
+            assert (sum(plain) / len(plain) < 0.25) == any(guided)
+    assert all("loss/entropy" in r for r in rows)
 
 
 def test_hf_qwen2_trains_two_steps(tiny_cfg, tiny_qwen2_dir):
