@@ -10,8 +10,10 @@ object. :func:`read_jsonl` handles bad lines one way, chosen by the caller:
 - ``on_bad="raise"`` (the default): one :class:`JsonlError` (a
   :class:`~nemo_guide.data.errors.DataError`) after the whole file is read, listing every
   bad line as ``file:line: what is wrong; the fix``;
-- ``on_bad="skip"``, only where a command documents that it drops bad rows: the bad lines
-  are returned in :attr:`JsonlRead.skipped`, so the caller counts and reports them
+- ``on_bad="skip"``, only where a command documents that it drops bad rows (``nemo-guide
+  data prepare``), or where the caller raises them itself within a larger error (the
+  records loader lists them with its field problems): the bad lines are returned in
+  :attr:`JsonlRead.skipped`, so the caller counts and reports them
   (:meth:`JsonlRead.skipped_summary`: ``2 bad line(s) skipped: f.jsonl:3, f.jsonl:9``).
 
 **A torn line.** The project appends to some files as it goes (``metrics.jsonl``, the
