@@ -52,20 +52,20 @@ class SamplingSpec:
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The rows of a samples file (none if it does not exist).
+
+    A torn final line (an evaluation killed mid-write) is left out: that sample counts as
+    not generated, and the next ``evaluate_benchmarks`` cuts it off and generates it again.
+
+    Raises:
+        JsonlError: a bad line before the last one, named by file:line.
+    """
+    from nemo_guide.data.jsonl import read_jsonl
+
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A line cut by a kill mid-write: everything before it is complete.
-                raise ValueError(f"{path}:{lineno}: not valid JSON; delete that line (a write cut short) and rerun") from None
-    return rows
+    return read_jsonl(path, append_only=True).objects()
 
 
 def evaluate_benchmarks(
@@ -105,6 +105,9 @@ def evaluate_benchmarks(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="eval", unit="sample", dynamic_ncols=True)
+    from nemo_guide.data.jsonl import prepare_append
+
+    prepare_append(path)  # cut a torn final line (a kill mid-write), so appended rows start on a fresh line
     with path.open("a", encoding="utf-8") as f:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]

@@ -9,7 +9,9 @@ Requests run concurrently (``concurrency``), retry with exponential backoff on 4
 timeouts, connection errors and malformed replies (``Retry-After`` is honoured), and give
 up after ``max_retries``; records that failed or were rejected go to
 ``OUT.jsonl.rejected.jsonl`` with the reason and are tried again on the next run. The API
-key is read from an environment variable and never printed or written.
+key is read from an environment variable and never printed or written. A final line of
+``OUT.jsonl`` cut short by a crash is cut off (its record is generated again, and
+``torn_line_dropped`` counts it); any other bad line in it is an error naming file:line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from nemo_guide.data.errors import file_problems
+from nemo_guide.data.jsonl import prepare_append, read_jsonl
 from nemo_guide.data.records import Record, load_records
 
 # Paper, Appendix G (the instruction given to GPT-4o).
@@ -154,15 +158,16 @@ def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: 
 
 
 def _done_ids(path: Path) -> set[str]:
+    """Ids already in the output file. Its torn final line (a crash mid-write) does not
+    count: that record is generated again. Any other bad line, or a row without an id, is
+    a :class:`DataError` naming file:line."""
     if not path.is_file():
         return set()
-    ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by a crash: that record is generated again
-    return ids
+    read = read_jsonl(path, append_only=True, what="a JSON object (a record with its hint)")
+    no_id = [f"{path}:{line}: no 'id'; every row of a hints output is a finished record, id included" for line, row in read.rows if row.get("id") is None]
+    if no_id:
+        raise file_problems(path, no_id)
+    return {str(row["id"]) for _, row in read.rows}
 
 
 def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, *, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
@@ -185,6 +190,9 @@ def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, 
 
         bar = tqdm(total=len(todo), desc="hints", unit="record", dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Both files are appended to: a torn final line (a crash mid-write) is cut off first.
+    counts["torn_line_dropped"] = int(prepare_append(out) is not None)
+    prepare_append(rejected_path)
     with out.open("a", encoding="utf-8") as ok_file, rejected_path.open("a", encoding="utf-8") as bad_file, ThreadPoolExecutor(cfg.concurrency) as pool:
         futures = {pool.submit(request_hint, cfg, r, key, sleep): r for r in todo}
         for future in as_completed(futures):

@@ -4,9 +4,12 @@ Input rows (JSONL or Parquet) carry ``problem``, ``solution`` and ``answer`` (Op
 names; other fields are kept in ``extra``). The id is ``--id-field`` (``uuid`` in OpenR1)
 when the row has it, else ``<file stem>-<row number>``. A row is dropped when it lacks a
 problem or answer, or when the verifier cannot use its answer: ``\\boxed{answer}`` must
-verify against ``answer`` itself through math-verify (no string fast path). Every dropped
-row goes to ``OUT.dropped.jsonl`` with its reason, and the summary counts each reason and
-shows examples: nothing disappears silently.
+verify against ``answer`` itself through math-verify (no string fast path). A JSONL line
+that is not a JSON object (invalid UTF-8 or JSON included) is dropped too, with reason
+``not a JSON object`` and what is wrong in ``detail``. Every dropped row goes to
+``OUT.dropped.jsonl`` with its reason and file:line (or Parquet row), and the summary
+counts each reason and shows examples (a bad line's example is its file:line): nothing
+disappears silently.
 """
 
 from __future__ import annotations
@@ -16,22 +19,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from nemo_guide.data.jsonl import BadLine, read_jsonl
 from nemo_guide.data.records import DataError, Record, write_records
 from nemo_guide.rewards.math import VerifierPool
 
 EXAMPLES = 5
 
 
-def _rows(path: Path) -> Iterable[tuple[str, Any]]:
+def _rows(path: Path) -> Iterable[tuple[str, dict[str, Any] | BadLine]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield f"{path}:{lineno}", DataError(f"not valid JSON ({exc.msg})")
+        # Bad lines are dropped like any unusable row (module docstring), not raised.
+        for lineno, entry in read_jsonl(path, on_bad="skip").in_order():
+            yield f"{path}:{lineno}", entry
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
@@ -61,8 +61,8 @@ def prepare(input_path: Path, output: Path, *, id_field: str = "uuid", workers: 
     seen: set[str] = set()
     candidates: list[tuple[str, Record]] = []
     for n, (where, row) in enumerate(_rows(input_path)):
-        if isinstance(row, DataError) or not isinstance(row, dict):
-            dropped.append({"where": where, "reason": "not a JSON object", "row": None if isinstance(row, DataError) else row})
+        if isinstance(row, BadLine):
+            dropped.append({"where": where, "reason": "not a JSON object", "detail": row.problem})
             continue
         problem, answer = _text(row.get("problem")), _text(row.get("answer"))
         rid = _text(row.get(id_field)) or _text(row.get("id")) or f"{input_path.stem}-{n}"
@@ -98,6 +98,6 @@ def prepare(input_path: Path, output: Path, *, id_field: str = "uuid", workers: 
         "kept": len(kept),
         "dropped": len(dropped),
         "dropped_by_reason": dict(reasons),
-        "examples": {r: [d.get("answer", d.get("id")) for d in dropped if d["reason"] == r][:EXAMPLES] for r in reasons},
+        "examples": {r: [d.get("answer", d.get("id", d["where"])) for d in dropped if d["reason"] == r][:EXAMPLES] for r in reasons},
         "dropped_file": str(dropped_path),
     }

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one object per logged step (``{"step": 3, "train/reward": 0.5, ...}``);
 TensorBoard event files go to ``<run_dir>/tensorboard``. On resume the JSONL is cut back to
 the checkpoint's step and TensorBoard purges the later events, so a resumed run's logs
-equal an uninterrupted run's.
+equal an uninterrupted run's. A final line cut short by a kill is ignored when reading and
+cut off before appending (:mod:`nemo_guide.data.jsonl`); a bad line elsewhere is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_guide.checkpoint import atomic_write_text
+from nemo_guide.data.jsonl import prepare_append, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
@@ -47,14 +49,17 @@ def reduce_metrics(parts: list[dict[str, Any]], *, sums: tuple[str, ...] = ()) -
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged rows of ``run_dir`` (none if it has no metrics file).
+
+    A torn final line (a run killed mid-write) is left out: that step was never logged.
+
+    Raises:
+        JsonlError: a bad line before the last one, named by file:line.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    return read_jsonl(path, append_only=True).objects()
 
 
 class MetricsLogger:
@@ -66,6 +71,9 @@ class MetricsLogger:
         if resume_step is not None:
             kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        # A torn final line (a kill mid-write) is dropped by the rewrite above or cut off here,
+        # so a new row is never glued to a partial one.
+        prepare_append(self.path)
         self._file = self.path.open("a", encoding="utf-8")
         self.writer = None
         if tensorboard:

@@ -42,6 +42,26 @@ def test_every_problem_is_reported_with_file_line_and_field(tmp_path):
     assert f"{path}:6: field 'answer' must be a string, got list" in msg
 
 
+def test_records_report_bad_lines_with_field_problems_in_line_order(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b'{"id": "a", "problem": "p", "answer": "1"}\n'
+        b'{"id": "b", "problem": "caf\xe9", "answer": "1"}\n'  # Latin-1, not UTF-8
+        b'{"id": "c", "answer": "1"}\n'
+        b'["c", "p", "1"]\n'
+        b'{"id": "d", "problem": "p",'
+    )
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert str(info.value) == (
+        f"{path}: 4 problem(s):\n"
+        f"  {path}:2: not valid UTF-8 (byte 0xe9 at byte 28 of the line); save the file as UTF-8\n"
+        f"  {path}:3: field 'problem' is missing; every record needs id, problem, answer\n"
+        f"  {path}:4: expected a JSON object with fields id, problem, answer, got an array\n"
+        f"  {path}:5: not valid JSON (Expecting property name enclosed in double quotes at column 28); each line must be one JSON object"
+    )
+
+
 def test_parquet_roundtrip_and_row_errors(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

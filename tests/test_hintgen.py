@@ -9,8 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nemo_guide.cli import main
+from nemo_guide.data import DataError, JsonlError, read_jsonl
 from nemo_guide.data.records import Record, write_records
-from nemo_guide.hintgen import HintClientConfig, check_hint, generate_hints
+from nemo_guide.hintgen import HintClientConfig, _done_ids, check_hint, generate_hints
 
 GOOD = "1. Think about parity.\n2. Consider small cases.\n3. Look for an invariant."
 
@@ -95,7 +96,7 @@ def test_failures_retries_and_resume(tmp_path, monkeypatch):
         out = tmp_path / "hinted.jsonl"
         records = _records(list(server.scripts))
         counts = generate_hints(records, out, _cfg(server.url), progress=False)
-        assert counts["ok"] == 5 and counts["flagged_leak"] == 1
+        assert counts["ok"] == 5 and counts["flagged_leak"] == 1 and counts["torn_line_dropped"] == 0
         assert counts["rejected_bad_format"] == 1 and counts["failed"] == 2
         assert counts["retries"] >= 5  # 2 x 429, 500, malformed, timeout
         rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -117,9 +118,24 @@ def test_failures_retries_and_resume(tmp_path, monkeypatch):
         text = out.read_text()
         out.write_text(text[: text.rindex("{") + 10])
         counts = generate_hints(records, out, _cfg(server.url, on_leak="reject"), progress=False)
-        assert counts["already_done"] == 5
+        assert counts["already_done"] == 5 and counts["torn_line_dropped"] == 1
+        # The cut line was removed before appending: the file is valid JSONL, one row per id.
+        ids = [r["id"] for r in read_jsonl(out).objects()]
+        assert sorted(ids) == sorted(set(ids)) and set(ids) >= set(rows) - {"leaky"}
     finally:
         server.close()
+
+
+def test_hint_output_done_ids(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a", "hint": "h"}\n{"id": 7}\n{"id": "c", "hi')
+    assert _done_ids(path) == {"a", "7"}  # the torn "c" is generated again
+    path.write_bytes(b'{"id": "a"}\n{"hint": "h"}\n{"id": "b"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: no 'id'"):
+        _done_ids(path)
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"\n{"id": "c"}\n')
+    with pytest.raises(JsonlError, match=f"{path}:2: not valid JSON"):
+        _done_ids(path)
 
 
 def test_records_without_solution_are_an_error(tmp_path):

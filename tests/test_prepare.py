@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nemo_guide.cli import main
+from nemo_guide.data import read_jsonl
 from nemo_guide.data.records import load_records
 from nemo_guide.prepare import prepare
 
@@ -38,6 +39,38 @@ def test_prepare_jsonl(tmp_path):
     assert summary["kept"] + summary["dropped"] == len(ROWS) + 1
     dropped = [json.loads(line) for line in (tmp_path / "records.jsonl.dropped.jsonl").read_text().splitlines()]
     assert len(dropped) == summary["dropped"]
+
+
+def test_prepare_drops_bad_lines_with_file_line_and_detail(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b'{"problem": "1+1?", "answer": "2"}\n\xff\xfe\n[1]\n\n{"problem": "2+2?", "answer": "4"}\n'
+    )
+    summary = prepare(src, tmp_path / "out.jsonl", workers=1)
+    assert summary["kept"] == 2 and summary["dropped_by_reason"] == {"not a JSON object": 2}
+    assert summary["examples"]["not a JSON object"] == [f"{src}:2", f"{src}:3"]
+    dropped = read_jsonl(tmp_path / "out.jsonl.dropped.jsonl").objects()
+    assert [d["where"] for d in dropped] == [f"{src}:2", f"{src}:3"]
+    assert dropped[0]["detail"].startswith("not valid UTF-8 (byte 0xff at byte 1")
+    assert dropped[1]["detail"] == "expected a JSON object, got an array"
+    # Default ids count rows as before, bad lines included and blank lines not: line 5 is in-3.
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl").objects()] == ["in-0", "in-3"]
+
+
+# --- no JSONL parsing outside the reader ---------------------------------------------------
+
+# Every json.load/json.loads in the package outside nemo_guide/data/jsonl.py, and why it is
+# not a JSONL file read. A new call fails this test: read JSONL files with read_jsonl.
+NOT_JSONL = {
+    ("hintgen.py", "_post"): "the body of one HTTP reply",
+    ("rewards/math.py", "VerifierPool._run"): "one protocol line from the verifier subprocess",
+    ("rewards/_worker.py", "serve"): "one protocol line from the parent process",
+    ("checkpoint.py", "read_checkpoint"): "state.json and config.json: one JSON document each",
+    ("convert/shape.py", "read_hf_shape"): "a Hugging Face config.json",
+    ("convert/hf_io.py", "load_hf_state_dict"): "a safetensors index JSON",
+    ("backends/megatron/checkpoint.py", "megatron_to_hf_checkpoint"): "a Hugging Face config.json",
+    ("backends/torch/tiny.py", "TinyConfig.from_json"): "a config string stored in safetensors metadata",
+}
 
 
 def test_prepare_parquet_via_cli(tmp_path, capsys):

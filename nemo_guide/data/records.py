@@ -3,7 +3,8 @@
 A record is one problem: ``id``, ``problem``, ``answer`` (the gold final answer, LaTeX),
 optional ``hint`` (Appendix G) and ``solution`` (a reference solution, for SFT and hint
 generation). Fields beyond these are kept in ``extra``: nothing a user wrote is dropped.
-Every problem in a file is reported at once, each with its file, line and field.
+Every problem in a file is reported at once, each with its file, line and field; in a
+JSONL file that includes its bad lines (:mod:`nemo_guide.data.jsonl`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nemo_guide.data.errors import DataError, file_problems
+from nemo_guide.data.jsonl import BadLine, read_jsonl
+
 REQUIRED = ("id", "problem", "answer")
 OPTIONAL = ("hint", "solution")
-MAX_REPORTED = 20
-
-
-class DataError(ValueError):
-    """A dataset file that cannot be used as is; the message lists every problem found."""
 
 
 @dataclass(frozen=True)
@@ -91,21 +90,14 @@ def _check_row(row: Any, where: str, problems: list[str]) -> Record | None:
     return Record(extra=extra, **values)
 
 
-def _raise(path: Path, problems: list[str]) -> None:
-    shown = problems[:MAX_REPORTED]
-    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-    raise DataError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
-
-
 def _rows_jsonl(path: Path, problems: list[str]) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object")
+    # Bad lines are skipped here and reported with the field problems, all in one error.
+    read = read_jsonl(path, on_bad="skip", what=f"a JSON object with fields {', '.join(REQUIRED)}")
+    for lineno, entry in read.in_order():
+        if isinstance(entry, BadLine):
+            problems.append(str(entry))
+        else:
+            yield f"{path}:{lineno}", entry
 
 
 def _rows_parquet(path: Path, problems: list[str]) -> Iterable[tuple[str, Any]]:
@@ -152,7 +144,7 @@ def load_records(path: str | Path) -> list[Record]:
         seen[record.id] = where
         records.append(record)
     if problems:
-        _raise(path, problems)
+        raise file_problems(path, problems)
     if not records:
         raise DataError(f"{path}: no records; the file is empty")
     return records
