@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from nemo_guide.backends.base import Generator, PromptTokenizer
 from nemo_guide.core.metrics import pass_at_k
+from nemo_guide.data.jsonl import prepare_append, read_jsonl
 from nemo_guide.data.records import Record
 from nemo_guide.prompts import Prompt, PromptSet, PromptSettings, encode_prompts
 from nemo_guide.rewards import RewardFn, is_correct
@@ -60,8 +61,6 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     Raises:
         JsonlError: a bad line before the last one, named by file:line.
     """
-    from nemo_guide.data.jsonl import read_jsonl
-
     path = Path(path)
     if not path.is_file():
         return []
@@ -105,8 +104,6 @@ def evaluate_benchmarks(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="eval", unit="sample", dynamic_ncols=True)
-    from nemo_guide.data.jsonl import prepare_append
-
     prepare_append(path)  # cut a torn final line (a kill mid-write), so appended rows start on a fresh line
     with path.open("a", encoding="utf-8") as f:
         for start in range(0, len(jobs), batch_size):
