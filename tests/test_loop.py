@@ -372,3 +372,20 @@ def test_reduce_metrics():
     out = reduce_metrics(parts, sums=("n",))
     assert out["a"] == 2.0 and out["x_min"] == 1.0 and out["x_max"] == 5.0 and out["n"] == 2.0
     assert math.isnan(out["b"])
+
+
+def test_pinned_losses_of_the_first_two_steps(tiny_cfg):
+    """A regression pin: the main job made small, seed 0, one thread. These values were measured
+    before the loop was split into named steps and must not move without a reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_cfg("run.steps=2", "data.eval_limit=2")
+        run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    rows = read_metrics(cfg.run.run_dir)[1:]
+    assert [r["train/reward"] for r in rows] == [0.0, 0.5]
+    assert [r["train/guided_frac"] for r in rows] == [1.0, 0.5]
+    assert [r["loss/policy"] for r in rows] == pytest.approx([0.016958996653556824, 0.01132410578429699], rel=1e-5)
+    assert [r["optim/grad_norm"] for r in rows] == pytest.approx([0.04379206523299217, 0.06037895381450653], rel=1e-5)
