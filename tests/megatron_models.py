@@ -116,45 +116,45 @@ def with_old_logprobs(batch: RolloutBatch, lp_sample: torch.Tensor) -> RolloutBa
 def worker(rank: int, runs: dict, micro_batch_size: int, layer_spec: str = "local"):
     """Runs in each spawned process. ``runs``: family -> (model_dir, batch).
 
-    Per family: this rank's log-probs behind both contexts, the loss metrics, this rank's
-    gradients (local-spec names) and, on the last stage, the output layer's logits shard of
-    rollout 1's plain sequence.
+    Per family, through the host harness of ``megatron_schedule``: this rank's log-probs
+    behind both contexts (the sampling one also the Aligner way: ``[b, s-1]`` log-probs from
+    full logits, realigned), the loss metrics, this rank's gradients (local-spec names) and,
+    on the last stage at PP=1, the output layer's logits shard of rollout 1's plain sequence.
     """
     from megatron.core import parallel_state
 
-    from nemo_guide.backends.megatron.actor import actor_from_config
-    from nemo_guide.config import BackendConfig
+    import megatron_schedule as ms
+    from nemo_guide.backends.megatron.model import MegatronModelConfig, load_hf_model
 
     out = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     for family, (model_dir, batch) in runs.items():
-        tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
-        cfg = BackendConfig(name="megatron", model=model_dir, dtype="float32", tensor_parallel=tp, pipeline_parallel=pp, logprob_chunk_size=5)
-        actor = actor_from_config(cfg, pad_id=0, layer_spec=layer_spec)
-        model = actor.model
-        lp_plain, ent_plain = actor.logprobs(batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
-        lp_sample, _ = actor.logprobs(batch, "sample", micro_batch_size=micro_batch_size)
-        metrics = actor.forward_backward(batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
+        model, _ = load_hf_model(model_dir, MegatronModelConfig(dtype="float32", layer_spec=layer_spec))
+        device = next(model.parameters()).device
+        lp_plain, ent_plain = ms.logprobs(model, batch, "plain", micro_batch_size=micro_batch_size, with_entropy=True)
+        lp_sample, _ = ms.logprobs(model, batch, "sample", micro_batch_size=micro_batch_size)
+        lp_sample_aligner = ms.sample_logprobs_via_aligner_layout(model, batch, micro_batch_size=micro_batch_size)
+        metrics = ms.forward_backward(model, batch, loss_fn(), micro_batch_size=micro_batch_size, with_entropy=True)
         grads = {k: p.grad.detach().cpu() for k, p in model.named_parameters() if p.grad is not None}
         logits = None
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            tokens = torch.tensor([batch.plain_prompt_ids[1] + batch.response_ids[1]], device=actor.device)
+            tokens = torch.tensor([batch.plain_prompt_ids[1] + batch.response_ids[1]], device=device)
             with torch.no_grad():
-                logits = model(tokens, torch.arange(tokens.shape[1], device=actor.device).unsqueeze(0), None)[0].cpu()  # [s, V/tp]
-        out[family] = {"lp_plain": lp_plain, "ent_plain": ent_plain, "lp_sample": lp_sample, "metrics": metrics,
-                       "grads": grads, "logits": logits}
+                logits = model(tokens, torch.arange(tokens.shape[1], device=device).unsqueeze(0), None)[0].cpu()  # [s, V/tp]
+        out[family] = {"lp_plain": lp_plain, "ent_plain": ent_plain, "lp_sample": lp_sample, "lp_sample_aligner": lp_sample_aligner,
+                       "metrics": metrics, "grads": grads, "logits": logits}
     return out
 
 
 def dist_checkpoint_worker(rank: int, ckpt_in: str, ckpt_out: str, batch: RolloutBatch):
     """Load a distributed checkpoint into this layout, score ``batch``, save it again."""
-    from nemo_guide.backends.megatron.actor import MegatronActor
+    import megatron_schedule as ms
     from nemo_guide.backends.megatron.checkpoint import load_model, save_model
     from nemo_guide.backends.megatron.model import MegatronModelConfig, build_model
 
     shape, _ = read_hf_shape_from_ckpt(ckpt_in)
     model = build_model(shape, MegatronModelConfig(dtype="float32", layer_spec="local"))
     load_model(model, ckpt_in)
-    lp, _ = MegatronActor(model, pad_id=0).logprobs(batch, "sample", micro_batch_size=4)
+    lp, _ = ms.logprobs(model, batch, "sample", micro_batch_size=4)
     save_model(model, ckpt_out)
     return lp
 

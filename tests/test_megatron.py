@@ -1,11 +1,15 @@
-"""The Megatron actor on CPU under real gloo process groups (megatron-core 0.10.0 + the
-test-side shims of ``megatron_cpu.py``).
+"""Megatron-core on CPU under real gloo process groups (megatron-core 0.10.0 + the
+test-side shims of ``megatron_cpu.py``), driven by the host harness of
+``megatron_schedule.py`` over the package's reusable pieces: ``model.hidden_states`` and
+``output_weight``, ``layout`` and ``last_stage.response_logprobs``.
 
 For a tiny Qwen2 (tied embeddings, QKV bias, GQA) and a tiny Llama (untied, head_dim !=
 hidden/heads, Llama 3.1 RoPE scaling), built from configs here, every layout (TP=1,
 TP=2, PP=2) must give, against a token-by-token Hugging Face reference:
 - the logits of the same tokens (TP shards concatenated);
-- response log-probs and entropies behind the plain and the sampling prompt;
+- response log-probs and entropies behind the plain and the sampling prompt, the
+  sampling-prompt ones also computed as NeMo-Aligner does (``[b, s-1]`` log-probs from the
+  vocab-parallel logits) and realigned to ``[N, L]`` by ``layout.realign``;
 - the gradients of the real Guide-GRPO loss (guided tokens unclipped, clipped plain tokens,
   entropy bonus), mapped back to Hugging Face names, with several micro-batches (1F1B at PP=2).
 Equal to HF implies TP=2 == TP=1 and PP=2 == PP=1; the tests also compare them directly.
@@ -70,6 +74,7 @@ def test_logprobs_match_hf_on_every_rank(setup, runs, layout, family):
         torch.testing.assert_close(got["lp_plain"], lp_plain, atol=2e-5, rtol=0)
         torch.testing.assert_close(got["ent_plain"], ent_plain, atol=2e-5, rtol=0)
         torch.testing.assert_close(got["lp_sample"], lp_sample, atol=2e-5, rtol=0)
+        torch.testing.assert_close(got["lp_sample_aligner"], lp_sample, atol=2e-5, rtol=0)
         # guided rollouts really were scored behind a different prompt
         assert (got["lp_sample"][4:] - got["lp_plain"][4:]).abs().max() > 1e-2
         assert torch.equal(got["lp_plain"][:4], got["lp_sample"][:4])
@@ -153,7 +158,7 @@ def test_convert_cli_round_trip_through_other_layouts(setup, tmp_path, family):
 
 
 @pytest.mark.gpu
-def test_gpu_actor_matches_hf(setup, tmp_path):
+def test_gpu_logprobs_and_gradients_match_hf(setup, tmp_path):
     """On a GPU machine: NCCL, the TransformerEngine layer spec when installed, TP over up
     to 2 GPUs; float32 weights, so the tolerance only allows for TF32/fused-kernel rounding."""
     tp = min(2, torch.cuda.device_count())
@@ -164,6 +169,7 @@ def test_gpu_actor_matches_hf(setup, tmp_path):
         got = ranks[-1][family]
         torch.testing.assert_close(got["lp_plain"], lp_plain, atol=5e-3, rtol=0)
         torch.testing.assert_close(got["lp_sample"], lp_sample, atol=5e-3, rtol=0)
+        torch.testing.assert_close(got["lp_sample_aligner"], lp_sample, atol=5e-3, rtol=0)
         torch.testing.assert_close(got["ent_plain"], ent_plain, atol=5e-3, rtol=0)
         grads = megatron_to_hf(full_grads("tp2" if tp == 2 else "tp1", ranks, family, shape), shape)
         for key, expected in hf_grads.items():
@@ -186,10 +192,3 @@ def test_initialize_parallel_refuses_sizes_that_do_not_split_the_world(monkeypat
     finally:
         dist.destroy_process_group()
 
-
-def test_actor_refuses_the_builtin_model():
-    from nemo_guide.backends.megatron.actor import actor_from_config
-    from nemo_guide.config import BackendConfig
-
-    with pytest.raises(ValueError, match="Hugging Face Qwen2/Llama"):
-        actor_from_config(BackendConfig(name="megatron"), pad_id=0)
