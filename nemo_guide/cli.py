@@ -20,10 +20,13 @@ def make_backend(cfg):
         from nemo_guide.backends.torch.backend import TorchBackend
 
         return TorchBackend(cfg.backend, cfg.optim, temperature=cfg.generation.temperature, seed=cfg.run.seed)
-    raise SystemExit(
-        "backend.name=megatron: `nemo-guide train` runs the embedded torch backend only. The Megatron-core actor "
-        "(nemo_guide.backends.megatron: TP/PP log-probs and policy-loss gradients, `nemo-guide convert`) is in place; "
-        "the NeMo-Aligner trainer that launches it under srun is not part of this release yet (see README, 'Scale-out path')"
+    from nemo_guide.errors import RunError
+
+    raise RunError(
+        "backend.name=megatron: `nemo-guide train` runs the embedded torch backend only. The Megatron-core pieces "
+        "(nemo_guide.backends.megatron: GPTModel per rank, response layout and realignment, last-stage fused "
+        "vocab-parallel log-probs, `nemo-guide convert`) are what the NeMo-Aligner plugin composes; that trainer is "
+        "not part of this release yet (see README, 'Scale-out path'). Use backend.name=torch"
     )
 
 
