@@ -350,18 +350,73 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "did you mean 'algorithm.group_size'" in capsys.readouterr().err
 
 
-def test_non_finite_updates_are_counted_then_stop_the_run(tiny_cfg):
-    cfg = tiny_cfg("run.steps=5", "data.eval_limit=1")
+class NoTorchModel:
+    """A PolicyBackend with no model: a fixed answer per prompt, zero log-probs, and updates
+    that report themselves skipped on the steps listed. Enough to drive the loop's control flow
+    without sampling a real policy (and proof that the protocols are all the loop needs)."""
+
+    pad_id, eos_ids, max_length, chat_tokenizer = 0, (1,), None, None
+
+    def __init__(self, skip_steps):
+        self.skip_steps, self.steps, self.saved = set(skip_steps), 0, []
+
+    def encode(self, text, *, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i > 1)
+
+    def describe(self):
+        return "no model"
+
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+        return [[ord("A"), ord(":"), ord(str(len(p) % 10)), 1] for p in prompts], [True] * len(prompts)
+
+    def logprobs(self, batch, context, *, reference=False, with_entropy=False):
+        zeros = torch.zeros(batch.loss_mask.shape)
+        return zeros, (zeros.clone() if with_entropy else None)
+
+    def train_step(self, batch, loss_fn, *, micro_batch_size, with_entropy=False):
+        self.steps += 1
+        return {"optim/skipped": float(self.steps in self.skip_steps), "optim/grad_norm": 0.0, "optim/lr": 0.0}
+
+    def snapshot_reference(self):
+        """Nothing to freeze."""
+
+    def save(self, directory):
+        self.saved.append(directory.name)
+
+    def load(self, directory):
+        raise AssertionError("not resumed in this test")
+
+    def load_weights(self, directory):
+        raise AssertionError("not evaluated in this test")
+
+
+def test_skipped_updates_are_counted_and_three_in_a_row_stop_the_run(tiny_cfg):
+    # One update per step; steps 1, 3, 4, 5 skip. Step 2's success resets the count, so the run
+    # stops at step 5 (3 in a row), having logged steps 1-4 and checkpointed step 4.
+    cfg = tiny_cfg("run.steps=8", "run.save_every=4", "data.eval_limit=1")
+    backend = NoTorchModel(skip_steps={1, 3, 4, 5})
+    with pytest.raises(RunError, match=r"(?s)step 5: every update of the last 3 steps had a non-finite.*Lower optim.lr.*step_000004"):
+        run(cfg, backend)
+    rows = read_metrics(cfg.run.run_dir)
+    assert [r["optim/skipped"] for r in rows[1:]] == [1.0, 0.0, 1.0, 1.0]
+    assert [name.split(".tmp")[0] for name in backend.saved] == ["step_000004"]  # written to a temp dir, then renamed
+    state = json.loads((cfg.run.run_dir / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["skipped_updates"] == 3
+
+
+def test_non_finite_loss_leaves_the_weights_unchanged(tiny_cfg):
+    cfg = tiny_cfg("run.steps=5", "data.eval_limit=1", "data.prompt_batch_size=2", "algorithm.group_size=2")
     backend = make_backend(cfg)
     weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
 
     def nan_loss(micro, logprobs, entropy, mini):
         return logprobs.sum() * float("nan"), {}
 
-    with pytest.raises(RunError, match=r"(?s)last 3 steps had a non-finite.*Lower optim.lr"):
+    with pytest.raises(RunError, match=r"(?s)last 3 steps had a non-finite"):
         run(cfg, backend, loss_fn=nan_loss)
-    rows = read_metrics(cfg.run.run_dir)
-    assert [r["optim/skipped"] for r in rows[1:]] == [1.0, 1.0]  # steps 1 and 2 logged; step 3 raised
     assert all(torch.equal(weights[k], v) for k, v in backend.model.state_dict().items())
 
 
