@@ -53,11 +53,63 @@ def test_bf16_inputs_give_float32_and_grads_in_input_dtype():
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
 
 
-def test_input_validation():
-    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 5\)"):
-        fused_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5]))
+def test_shape_and_dtype_checks_always_run():
     with pytest.raises(ValueError, match=r"\[V_local, H\]"):
         fused_logprobs(torch.randn(2, 3), torch.randn(5, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"targets must have shape \[T\] = \[2\], got \(3,\)"):
+        fused_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        fused_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        fused_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1]), chunk_size=0)
+
+
+def test_target_range_check_needs_the_debug_switch(monkeypatch):
+    h, w, bad = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5])
+    monkeypatch.delenv("NEMO_GUIDE_DEBUG_CHECKS", raising=False)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 5\); got range \[0, 5\]"):
+        fused_logprobs(h, w, bad, debug_checks=True)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 5\); got range \[-1, 1\]"):
+        fused_logprobs(h, w, torch.tensor([-1, 1]), debug_checks=True)
+    assert fused_logprobs(h, w, bad).shape == (2,)  # off by default: not detected
+    monkeypatch.setenv("NEMO_GUIDE_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 5\)"):
+        fused_logprobs(h, w, bad)
+    assert fused_logprobs(h, w, bad, debug_checks=False).shape == (2,)  # the keyword wins over the environment
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def _count_host_syncs(monkeypatch) -> list[str]:
+    """Patch every Tensor method that reads a value back to the host; returns the list of calls."""
+    calls: list[str] = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    original_nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("torch.nonzero") or original_nonzero(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_no_host_sync_without_debug_checks(monkeypatch, return_entropy):
+    monkeypatch.delenv("NEMO_GUIDE_DEBUG_CHECKS", raising=False)
+    h = torch.randn(9, 6, requires_grad=True)
+    w = torch.randn(11, 6, requires_grad=True)
+    y = torch.randint(0, 11, (9,))
+    calls = _count_host_syncs(monkeypatch)
+    out = fused_logprobs(h, w, y, chunk_size=4, return_entropy=return_entropy)
+    loss = sum(o.sum() for o in out) if return_entropy else out.sum()
+    torch.autograd.backward(loss)
+    assert calls == []
+    fused_logprobs(h, w, y, chunk_size=4, debug_checks=True)
+    assert calls == ["__bool__"]  # the range check: exactly one sync, and only when asked for
 
 
 def _tp_worker(rank, world, port, queue, impl):

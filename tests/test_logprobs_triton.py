@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from nemo_guide.kernels.logprobs import fused_logprobs, torch_grad_logits, torch_shard_stats  # noqa: E402
-from nemo_guide.kernels.logprobs_triton import triton_grad_logits, triton_shard_stats  # noqa: E402
+from nemo_guide.kernels.logprobs import _pick_impl, fused_logprobs, torch_grad_logits, torch_shard_stats
+from nemo_guide.kernels.logprobs_triton import TritonImpl, triton_grad_logits, triton_shard_stats
 
 
 def inputs(t, v, h, dtype=torch.float32, device="cpu", seed=0):
@@ -75,14 +75,26 @@ def test_bf16_inputs():
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
 
 
-def test_float64_is_refused_on_triton_and_auto_stays_on_torch_for_cpu(monkeypatch):
+def test_float64_is_refused_on_triton(monkeypatch):
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
     h, w, y = inputs(5, 9, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(ValueError, match="the triton path computes in float32; use impl='torch' for float64 inputs"):
         fused_logprobs(h, w, y, impl="triton")
-    assert fused_logprobs(h, w, y).dtype == torch.float64  # auto: CPU tensors use torch
+    assert fused_logprobs(h, w, y).dtype == torch.float64  # auto: torch
     monkeypatch.setenv("NEMO_GUIDE_LOGPROBS_IMPL", "cuda-magic")
-    with pytest.raises(ValueError, match="NEMO_GUIDE_LOGPROBS_IMPL"):
+    with pytest.raises(ValueError, match="impl = 'cuda-magic': choose one of auto, torch, triton .*NEMO_GUIDE_LOGPROBS_IMPL"):
         fused_logprobs(h, w, y)
+
+
+def test_auto_is_torch_and_triton_is_opt_in(monkeypatch):
+    # auto does not look at the device: Triton waits for a GPU benchmark showing it faster
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
+    assert _pick_impl("auto", torch.float32).name == "torch"
+    assert _pick_impl("auto", torch.bfloat16).name == "torch"
+    assert _pick_impl("triton", torch.float32).name == "triton"
+    monkeypatch.setenv("NEMO_GUIDE_LOGPROBS_IMPL", "triton")
+    assert _pick_impl("auto", torch.bfloat16).name == "triton"
+    assert _pick_impl("torch", torch.bfloat16).name == "torch"  # an explicit impl wins over the environment
 
 
 @pytest.mark.gpu
@@ -102,8 +114,12 @@ def test_gpu_triton_matches_torch_at_real_sizes(hidden_size):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from nemo_guide.kernels.logprobs import _pick_impl
-
-    h = torch.zeros(2, 4, device="cuda", dtype=torch.bfloat16)
-    assert _pick_impl("auto", h, torch.float32).name == "triton"
+def test_gpu_auto_stays_on_torch(monkeypatch):
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
+    h, w, y = inputs(16, 70, 32, dtype=torch.bfloat16, device="cuda")
+    calls = []
+    monkeypatch.setattr(TritonImpl, "shard_stats", staticmethod(lambda *a: calls.append("triton") or triton_shard_stats(*a)))
+    fused_logprobs(h, w, y)
+    assert calls == []
+    fused_logprobs(h, w, y, impl="triton")
+    assert calls == ["triton"]
