@@ -89,8 +89,12 @@ class AlgorithmConfig(_Section):
     """Guided-ratio reshaping: none | percentile (Appendix E, guide_rl) | constant (LUFFY)."""
     shaping_gamma: float = 0.9
     """percentile: the quantile of guided ratios used as gamma; constant: gamma itself."""
-    shaping_scope: str = "batch"
-    """percentile: one quantile per micro-batch (``batch``, guide_rl) or per rollout (``rollout``, paper)."""
+    shaping_scope: str = "rollout"
+    """percentile: where the quantile is taken. ``rollout``: one per guided rollout, over its
+    counted tokens (paper Appendix E; also what the authors' runs did in effect: guide_rl takes
+    one quantile per micro-batch and its scripts train with micro-batch size 1). ``batch``: one
+    over all guided tokens of a micro-batch (``optim.micro_batch_size`` rollouts), a variant the
+    authors never ran (their loss cannot take a micro-batch > 1 with its per-rollout guided mask)."""
     aggregation: str = "token-mean"
     """Loss reduction: token-mean | seq-mean-token-mean | seq-mean-token-sum | paper (Eq. 6)."""
     normalize_std: bool = True

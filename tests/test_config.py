@@ -14,6 +14,8 @@ def _yaml(tmp_path, text):
 def test_defaults_are_valid_and_frozen():
     cfg = Config()
     assert cfg.algorithm.mode == "guide_grpo" and cfg.algorithm.guided_group == "union"
+    # shaping is off by default; when on, the quantile is per rollout (Appendix E, the authors' runs)
+    assert cfg.algorithm.shaping == "none" and cfg.algorithm.shaping_scope == "rollout"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.algorithm.group_size = 3
 
