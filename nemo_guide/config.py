@@ -447,7 +447,7 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             return False, value
         out = []
-        for v, a in zip(value, args):
+        for v, a in zip(value, args, strict=True):
             ok, c = _coerce(v, a)
             if not ok:
                 return False, value

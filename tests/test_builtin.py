@@ -44,4 +44,4 @@ def test_warmstart_is_seeded(tmp_path):
     assert a["final_loss"] == b["final_loss"]
     ma, _ = load_tiny(tmp_path / "a.safetensors")
     mb, _ = load_tiny(tmp_path / "b.safetensors")
-    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True))

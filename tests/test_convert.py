@@ -63,7 +63,7 @@ def test_fuse_qkv_interleaves_per_query_group_by_hand():
     v = torch.tensor([[30.0], [31.0]])
     fused = fuse_qkv(q, k, v, shape)
     assert fused.squeeze(-1).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
-    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, shape), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, shape), (q, k, v), strict=True))
     # biases ([rows]) take the same layout
     assert fuse_qkv(q[:, 0], k[:, 0], v[:, 0], shape).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
 

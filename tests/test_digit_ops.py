@@ -40,7 +40,7 @@ def test_solution_ends_with_answer_and_is_consistent(op):
         rec = digit_ops.make_record(op, a, b, "x")
         assert exact_answer_reward(rec.solution, rec.answer) == 1.0
         c1, c2 = digit_ops.DEFINITIONS[op]
-        for step, x, y in zip(rec.solution.split(";")[1:-1], f"{a:02d}", f"{b:02d}"):
+        for step, x, y in zip(rec.solution.split(";")[1:-1], f"{a:02d}", f"{b:02d}", strict=True):
             p, q, r = (int(part.split("=")[1]) for part in step.split(","))
             assert p == c1 * int(x) % 10 and q == c2 * int(y) % 10
             assert r == (p + q) % 10

@@ -32,7 +32,7 @@ def test_matches_naive_forward_and_backward(t, chunk):
     g1, g2 = torch.randn(t), torch.randn(t)
     got = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), (h, w))
     want = torch.autograd.grad((ref_lp * g1).sum() + (ref_ent * g2).sum(), (h, w))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

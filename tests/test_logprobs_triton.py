@@ -34,7 +34,7 @@ def test_shard_stats_match_torch(with_entropy, vocab_start):
     y = y.clamp(min=0)
     ref = torch_shard_stats(h, w, y, vocab_start, 16, with_entropy, torch.float32)
     got = triton_shard_stats(h, w, y, vocab_start, 16, with_entropy, torch.float32)
-    for name, a, b in zip("msat", got, ref):
+    for name, a, b in zip("msat", got, ref, strict=True):
         if b is None:
             assert a is None
             continue
@@ -63,7 +63,7 @@ def test_fused_logprobs_triton_equals_torch_forward_and_backward(chunk):
         lp, ent = fused_logprobs(hh, ww, y, chunk_size=chunk, return_entropy=True, impl=impl)
         ((lp * coef).sum() + 0.3 * ent.sum()).backward()
         outs[impl] = (lp.detach(), ent.detach(), hh.grad, ww.grad)
-    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), outs["triton"], outs["torch"]):
+    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), outs["triton"], outs["torch"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
 
 
@@ -109,7 +109,7 @@ def test_gpu_triton_matches_torch_at_real_sizes(hidden_size):
         lp, ent = fused_logprobs(hh, ww, y, chunk_size=1024, return_entropy=True, impl=impl)
         (lp.sum() + 0.1 * ent.sum()).backward()
         res[impl] = (lp.detach(), ent.detach(), hh.grad.float(), ww.grad.float())
-    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), res["triton"], res["torch"]):
+    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), res["triton"], res["torch"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
 
 

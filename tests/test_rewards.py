@@ -114,8 +114,8 @@ def test_gold_answers_of_every_benchmark():
         wrong = reward([""] * len(rows), ["\\boxed{" + _perturb(g) + "}" for g in golds], answers=golds)
     finally:
         reward.close()
-    failures = [(r["id"], r["answer"]) for r, c in zip(rows, correct) if c != 1.0]
-    accepted_wrong = [(r["id"], r["answer"]) for r, w in zip(rows, wrong) if w != 0.0]
+    failures = [(r["id"], r["answer"]) for r, c in zip(rows, correct, strict=True) if c != 1.0]
+    accepted_wrong = [(r["id"], r["answer"]) for r, w in zip(rows, wrong, strict=True) if w != 0.0]
     print(f"\ngold accepted: {len(rows) - len(failures)}/{len(rows)}; failures: {failures}")
     print(f"perturbed rejected: {len(rows) - len(accepted_wrong)}/{len(rows)}; accepted: {accepted_wrong[:20]}")
     assert len(failures) <= 0.01 * len(rows), failures

@@ -83,7 +83,7 @@ def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int
     if not parts:  # T = 0
         empty = torch.empty(0, dtype=dtype, device=hidden.device)
         return empty, empty, (empty if with_entropy else None), empty
-    m, s, a, t = zip(*parts)
+    m, s, a, t = zip(*parts, strict=True)
     return torch.cat(m), torch.cat(s), (torch.cat(a) if with_entropy else None), torch.cat(t)
 
 

@@ -78,7 +78,7 @@ def probe_accuracy(model: TinyDecoder, n: int = 64, seed: int = 12345) -> dict[s
         responses, _ = generate(
             sampling_step(model), prompts, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], max_new_tokens=64, temperature=0.0
         )
-        correct = [tok.decode(resp).rsplit(digit_ops.ANSWER_MARKER, 1)[-1] == r.answer for resp, r in zip(responses, records)]
+        correct = [tok.decode(resp).rsplit(digit_ops.ANSWER_MARKER, 1)[-1] == r.answer for resp, r in zip(responses, records, strict=True)]
         out[name] = sum(correct) / n
     model.train()
     return out
