@@ -112,12 +112,9 @@ def _variants(device: str) -> tuple[str, ...]:
 
 
 def _cuda() -> bool:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return torch.cuda.is_available()
 
 
 def _print(rows, args) -> None:
