@@ -98,7 +98,7 @@ def test_exact_reward():
     assert reward(["p"] * 4, ["x;A:96", "A:96 ", "A:9", "no marker"], answers=["96", "96", "96", "96"]) == [1.0, 1.0, 0.0, 0.0]
     assert exact_answer_reward("A:1;A:96", "96") == 1.0  # the last marker counts
     assert exact_answer_reward("A:96x", "96") == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 prompts, 2 completions and 2 answers"):
         reward(["p"], ["a", "b"], answers=["1", "2"])
 
 

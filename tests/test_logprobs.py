@@ -11,7 +11,9 @@ from nemo_guide.kernels.logprobs import fused_logprobs
 
 
 def _naive(hidden, weight, targets):
-    logits = (hidden @ weight.T).float()
+    """Reference log-probs and entropies from full logits (float32, or float64 for float64 inputs)."""
+    logits = hidden @ weight.T
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(logits, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
@@ -47,10 +49,20 @@ def test_gradcheck_float64():
 def test_bf16_inputs_give_float32_and_grads_in_input_dtype():
     h = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(11, 8, dtype=torch.bfloat16, requires_grad=True)
-    lp = fused_logprobs(h, w, torch.randint(0, 11, (6,)), chunk_size=4)
+    y = torch.randint(0, 11, (6,))
+    lp = fused_logprobs(h, w, y, chunk_size=4)
     assert lp.dtype == torch.float32
     lp.sum().backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    # values: float64 math on the same (bf16-representable) inputs. The products of bf16 numbers
+    # are exact in float32, so the log-probs agree to float32 rounding; the gradients are
+    # rounded to bf16 (8 significant bits) on return.
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref, _ = _naive(h64, w64, y)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-6, atol=1e-5)
+    ref.sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=8e-3, atol=1e-3)
 
 
 def test_shape_and_dtype_checks_always_run():

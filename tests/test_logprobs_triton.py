@@ -67,12 +67,22 @@ def test_fused_logprobs_triton_equals_torch_forward_and_backward(chunk):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
 
 
+def reference64(hidden, weight, targets):
+    """Log-probs of ``targets`` in float64 from the same inputs. Shape: ``[T]``."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def test_bf16_inputs():
     h, w, y = inputs(20, 70, 32, dtype=torch.bfloat16)
     ref = fused_logprobs(h, w, y, impl="torch")
     got = fused_logprobs(h, w, y, impl="triton")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
+    # both against float64 math on the same bf16 values (exact products, float32 accumulation)
+    want = reference64(h, w, y)
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-6)
 
 
 def test_float64_is_refused_on_triton(monkeypatch):
@@ -80,7 +90,9 @@ def test_float64_is_refused_on_triton(monkeypatch):
     h, w, y = inputs(5, 9, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="the triton path computes in float32; use impl='torch' for float64 inputs"):
         fused_logprobs(h, w, y, impl="triton")
-    assert fused_logprobs(h, w, y).dtype == torch.float64  # auto: torch
+    got = fused_logprobs(h, w, y)  # auto: torch, which keeps float64
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference64(h, w, y), atol=1e-12, rtol=1e-12)
     monkeypatch.setenv("NEMO_GUIDE_LOGPROBS_IMPL", "cuda-magic")
     with pytest.raises(ValueError, match="impl = 'cuda-magic': choose one of auto, torch, triton .*NEMO_GUIDE_LOGPROBS_IMPL"):
         fused_logprobs(h, w, y)

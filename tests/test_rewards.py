@@ -81,7 +81,7 @@ def test_reward_function_signature_and_lengths():
     reward = MathReward(num_workers=2)
     try:
         assert reward(["p1", "p2"], [r"\boxed{1}", r"\boxed{3}"], answers=["1", "2"]) == [1.0, 0.0]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="1 prompts but 2 completions"):
             reward(["p1"], [r"\boxed{1}", r"\boxed{3}"], answers=["1", "2"])
     finally:
         reward.close()
