@@ -1,4 +1,4 @@
-"""Triton kernels for ``fused_logprobs`` (the GPU path; the one guarded import of triton).
+"""Triton kernels for ``fused_logprobs`` (the opt-in GPU path, ``impl="triton"``; the one guarded import of triton).
 
 Same two per-shard steps as the torch path, with the same meaning:
 
@@ -13,7 +13,8 @@ Same two per-shard steps as the torch path, with the same meaning:
 
 Accumulation is float32 (IEEE products for float32 inputs, native bf16/fp16 tensor-core
 products otherwise; see ``_prepare`` for the interpreter). Correctness tests run these kernels on CPU under
-``TRITON_INTERPRET=1`` (set before this module is imported).
+``TRITON_INTERPRET=1`` (set before this module is imported). They have not been timed on a
+GPU yet, so ``fused_logprobs(impl="auto")`` does not pick them (see ``benchmarks/logprobs.py``).
 """
 
 from __future__ import annotations
