@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,hf,megatron,triton
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all train clean
+.PHONY: install lint test train clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -22,8 +22,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# The default suite (what .ci/run runs): everything but GPU tests, which skip themselves.
-test: install
+# Lint: the rules of pyproject.toml's [tool.ruff] (bugs, not style), with the ruff of the [dev] extra.
+lint: install
+	$(VENV)/bin/python -m ruff check .
+
+# The default suite (what .ci/run runs): lint first, then everything but GPU tests, which skip themselves.
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The main job. It replaces the previous demo run (runs/tiny_cpu) so that it can be re-run;

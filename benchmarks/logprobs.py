@@ -1,5 +1,8 @@
 """Peak memory and time of token log-probs: naive ``log_softmax(h @ W.T).gather`` vs ``fused_logprobs``
-(its torch path everywhere, its Triton kernels on CUDA).
+(its torch path everywhere, its Triton kernels on CUDA; each named explicitly, never ``impl="auto"``).
+
+This is the measurement that decides ``fused_logprobs``'s ``impl="auto"``: it stays on the
+torch path until a CUDA run of this script shows the Triton column faster.
 
 Forward + backward w.r.t. hidden and weight, float32 (CPU) or bfloat16 inputs (CUDA).
 Each (config, variant) runs in a fresh subprocess; on CPU the peak is the process's
@@ -109,12 +112,9 @@ def _variants(device: str) -> tuple[str, ...]:
 
 
 def _cuda() -> bool:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return torch.cuda.is_available()
 
 
 def _print(rows, args) -> None:

@@ -35,7 +35,7 @@ def _guided(path: Path) -> dict[tuple[str, str], ProblemStats]:
 def bootstrap_curve(ns: Sequence[int], cs: Sequence[int], max_k: int, *, rounds: int = 1000, seed: int = 0) -> tuple[list[float], list[float]]:
     """2.5 and 97.5 percentiles of the mean pass@k curve over problems resampled with replacement."""
     rng = random.Random(seed)
-    per_problem = [[pass_at_k(n, c, k) for k in range(1, max_k + 1)] for n, c in zip(ns, cs)]
+    per_problem = [[pass_at_k(n, c, k) for k in range(1, max_k + 1)] for n, c in zip(ns, cs, strict=True)]
     curves = []
     for _ in range(rounds):
         pick = [per_problem[rng.randrange(len(per_problem))] for _ in per_problem]
@@ -90,7 +90,7 @@ def analyze(before: Path, after: Path, *, k: int = 8, epsilon: float = 0.01, rou
     # Figure 2: on the problems that progressed, guided vs unguided pass@k of the initial policy.
     guided = _guided(before)
     passk = [any(init[key].first[:k]) for key in shared]
-    progressed = [key for key, a, f in zip(shared, init_pass1, final_pass1) if not a and f]
+    progressed = [key for key, a, f in zip(shared, init_pass1, final_pass1, strict=True) if not a and f]
     subsets = {
         "capability_gain": [key for key in progressed if not passk[shared.index(key)]],
         "distillation": [key for key in progressed if passk[shared.index(key)]],
@@ -143,8 +143,9 @@ def plot_curves(result: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (name, entry) in zip(axes, result["curves"].items()):
+    curves = result["curves"]  # one panel per subset (capability gain, self-distillation)
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], curves.items(), strict=True):
         for label, color in (("unguided", "tab:blue"), ("guided", "tab:orange")):
             if label not in entry:
                 continue

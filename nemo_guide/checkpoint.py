@@ -32,6 +32,13 @@ RESUMABLE_FIELDS = {
 }
 
 
+# Fields added after runs started saving config.json, each with the value that reproduces
+# what those runs did: a saved config without the field compares as if it held that value.
+ADDED_FIELDS = {
+    "data.reward_workers": 1,  # one verifier process, as every run used before the field existed
+}
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -116,8 +123,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = RESUMABLE_FIELDS) -> list[str]:
-    """``key: saved -> current`` for every field that differs (except ``ignore``)."""
-    a, b = _flatten(saved), _flatten(current)
+    """``key: saved -> current`` for every field that differs (except ``ignore``).
+
+    Values are compared as plain JSON data (choices are plain strings on both sides); a
+    field of :data:`ADDED_FIELDS` missing from either side takes its listed value.
+    """
+    a, b = {**ADDED_FIELDS, **_flatten(saved)}, {**ADDED_FIELDS, **_flatten(current)}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
 
 

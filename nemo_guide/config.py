@@ -5,6 +5,14 @@ applies ``key=value`` overrides, maps every section onto its dataclass and valid
 All problems (unknown keys, wrong types, bad values, inconsistent sections) are
 collected and raised as one :class:`ConfigError` that names the file and line (or the
 command-line override) of each bad value, shows the value, and says the fix.
+
+Every field with a fixed set of values is declared one way: a ``Literal`` of plain strings
+(the aliases below), checked for every section by :meth:`_Section.choice_problems`, whose
+error lists the valid values. Values stay plain ``str``, so a config saved by any run
+(``config.json``) compares equal to a loaded one. Where a value names a registered
+implementation (guidance thresholds, loss aggregations, KL estimators, prompt styles) or a
+member of a core ``str`` Enum, the ``Literal`` lists exactly the Enum's values; a test keeps
+the two equal.
 """
 
 from __future__ import annotations
@@ -12,15 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-
-from nemo_guide.core.guidance import GuidanceThreshold, GuidedGroupMode
-from nemo_guide.core.kl import KLEstimator
-from nemo_guide.core.loss import Aggregation, Shaping, ShapingScope
 
 
 class ConfigError(ValueError):
@@ -32,33 +37,62 @@ class ConfigError(ValueError):
         super().__init__(head + "\n  " + "\n  ".join(self.problems))
 
 
-def _choices(enum) -> str:
-    return ", ".join(repr(m.value) for m in enum)
+# -- the choice fields: each a Literal of plain strings ----------------------------------------
+
+Mode = Literal["grpo", "filter_grpo", "guide_grpo", "sft"]
+OldLogprobContext = Literal["sampling", "plain"]
+GuidanceThresholdName = Literal["all_incorrect", "mostly_incorrect", "always", "never"]
+"""The values of :class:`nemo_guide.core.guidance.GuidanceThreshold` (its registry's keys)."""
+GuidedGroupName = Literal["union", "replace"]
+"""The values of :class:`nemo_guide.core.guidance.GuidedGroupMode`."""
+ShapingName = Literal["none", "percentile", "constant"]
+"""The values of :class:`nemo_guide.core.loss.Shaping`."""
+ShapingScopeName = Literal["batch", "rollout"]
+"""The values of :class:`nemo_guide.core.loss.ShapingScope`."""
+AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "paper"]
+"""The values of :class:`nemo_guide.core.loss.Aggregation` (its registry's keys)."""
+KLEstimatorName = Literal["k1", "k2", "k3"]
+"""The values of :class:`nemo_guide.core.kl.KLEstimator` (its registry's keys)."""
+PromptStyleName = Literal["plain", "think_answer", "chat"]
+"""The values of :class:`nemo_guide.data.templates.PromptStyle` (its registry's keys)."""
+RewardName = Literal["auto", "math", "exact"]
+Backend = Literal["torch", "megatron"]
+DType = Literal["float32", "bfloat16", "float16"]
 
 
-def _check_enum(problems: list[str], section: str, name: str, value: Any, enum) -> None:
-    try:
-        enum(value)
-    except ValueError:
-        problems.append(f"{section}.{name} = {value!r}: unknown value; choose one of {_choices(enum)}")
+@functools.cache
+def choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
+    """``{field name: valid values}`` for every ``Literal`` field of a section dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in fields(cls) if get_origin(hints[f.name]) is Literal}
 
 
 class _Section:
-    """Base of the section dataclasses: ``__post_init__`` raises all ``check()`` problems."""
+    """Base of the section dataclasses: ``__post_init__`` raises every problem at once.
+
+    The problems are those of the choice fields (a value outside its ``Literal``), then the
+    section's own ``check()``.
+    """
 
     SECTION = ""
 
     def check(self) -> list[str]:
         return []
 
+    def choice_problems(self) -> list[str]:
+        problems = []
+        for name, choices in choice_fields(type(self)).items():
+            value = getattr(self, name)
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{self.SECTION}.{name} = {value!r}: unknown value; choose one of {', '.join(map(repr, choices))}{hint}")
+        return problems
+
     def __post_init__(self) -> None:
-        problems = self.check()
+        problems = self.choice_problems() + self.check()
         if problems:
             raise ConfigError(problems)
-
-
-Mode = Literal["grpo", "filter_grpo", "guide_grpo", "sft"]
-OldLogprobContext = Literal["sampling", "plain"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +104,9 @@ class AlgorithmConfig(_Section):
     ``guide_grpo`` (Algorithm 1); ``sft`` (the paper's baseline on reference solutions)."""
     group_size: int = 8
     """k: rollouts per prompt, and guided rollouts per guided prompt."""
-    guidance_threshold: str = "all_incorrect"
+    guidance_threshold: GuidanceThresholdName = "all_incorrect"
     """When a prompt is guided (``guide_grpo``): all_incorrect | mostly_incorrect | always | never."""
-    guided_group: str = "union"
+    guided_group: GuidedGroupName = "union"
     """``union``: guided rollouts join the failed plain ones in one group (paper Eq. 6).
     ``replace``: they replace the failed group (the authors' guide_rl code)."""
     old_logprob_context: OldLogprobContext = "sampling"
@@ -85,19 +119,23 @@ class AlgorithmConfig(_Section):
     """PPO clip: ratios above 1 + clip_high are clipped (plain tokens)."""
     clip_guided: bool = False
     """Clip guided tokens too (the paper found this unstable; Appendix D)."""
-    shaping: str = "none"
+    shaping: ShapingName = "none"
     """Guided-ratio reshaping: none | percentile (Appendix E, guide_rl) | constant (LUFFY)."""
     shaping_gamma: float = 0.9
     """percentile: the quantile of guided ratios used as gamma; constant: gamma itself."""
-    shaping_scope: str = "batch"
-    """percentile: one quantile per micro-batch (``batch``, guide_rl) or per rollout (``rollout``, paper)."""
-    aggregation: str = "token-mean"
+    shaping_scope: ShapingScopeName = "rollout"
+    """percentile: where the quantile is taken. ``rollout``: one per guided rollout, over its
+    counted tokens (paper Appendix E; also what the authors' runs did in effect: guide_rl takes
+    one quantile per micro-batch and its scripts train with micro-batch size 1). ``batch``: one
+    over all guided tokens of a micro-batch (``optim.micro_batch_size`` rollouts), a variant the
+    authors never ran (their loss cannot take a micro-batch > 1 with its per-rollout guided mask)."""
+    aggregation: AggregationName = "token-mean"
     """Loss reduction: token-mean | seq-mean-token-mean | seq-mean-token-sum | paper (Eq. 6)."""
     normalize_std: bool = True
     """Divide advantages by the group's standard deviation (False: Dr. GRPO, mean only)."""
     kl_coef: float = 0.0
     """Weight of KL(pi_theta || pi_ref) on the plain prompt (paper: 0)."""
-    kl_estimator: str = "k3"
+    kl_estimator: KLEstimatorName = "k3"
     """k1 | k2 | k3."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (paper: 0)."""
@@ -107,30 +145,20 @@ class AlgorithmConfig(_Section):
     def check(self) -> list[str]:
         p: list[str] = []
         s = self.SECTION
-        if self.mode not in get_args(Mode):
-            p.append(f"{s}.mode = {self.mode!r}: unknown mode; choose one of {', '.join(map(repr, get_args(Mode)))}")
         if self.group_size < 1:
             p.append(f"{s}.group_size = {self.group_size}: must be >= 1 (the paper uses 8)")
         elif self.group_size < 2 and self.mode != "sft":
             p.append(f"{s}.group_size = {self.group_size}: group-relative advantages need >= 2 rollouts per prompt")
-        _check_enum(p, s, "guidance_threshold", self.guidance_threshold, GuidanceThreshold)
-        _check_enum(p, s, "guided_group", self.guided_group, GuidedGroupMode)
-        if self.old_logprob_context not in get_args(OldLogprobContext):
-            p.append(f"{s}.old_logprob_context = {self.old_logprob_context!r}: choose 'sampling' (paper) or 'plain'")
         for name in ("clip_low", "clip_high"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 p.append(f"{s}.{name} = {v}: must be in [0, 1) (the paper uses 0.2)")
-        _check_enum(p, s, "shaping", self.shaping, Shaping)
-        _check_enum(p, s, "shaping_scope", self.shaping_scope, ShapingScope)
         if self.shaping == "percentile" and not 0 <= self.shaping_gamma <= 1:
             p.append(f"{s}.shaping_gamma = {self.shaping_gamma}: with shaping=percentile it is a quantile in [0, 1] (e.g. 0.9)")
         if self.shaping == "constant" and self.shaping_gamma <= 0:
             p.append(f"{s}.shaping_gamma = {self.shaping_gamma}: with shaping=constant it must be > 0 (LUFFY uses 0.1)")
-        _check_enum(p, s, "aggregation", self.aggregation, Aggregation)
         if self.kl_coef < 0:
             p.append(f"{s}.kl_coef = {self.kl_coef}: must be >= 0")
-        _check_enum(p, s, "kl_estimator", self.kl_estimator, KLEstimator)
         if self.ppo_epochs < 1:
             p.append(f"{s}.ppo_epochs = {self.ppo_epochs}: must be >= 1")
         return p
@@ -178,7 +206,7 @@ class DataConfig(_Section):
     """Held-out records (same forms); None: the built-in task's held-out split, else no eval."""
     prompt_batch_size: int = 8
     """B: prompts per step."""
-    prompt_style: str = "plain"
+    prompt_style: PromptStyleName = "plain"
     """plain | think_answer (Appendix H) | chat (Appendix I system prompt + tokenizer template)."""
     hint_template: str | None = None
     """Guided-prompt template with {problem} and {hint}; None: Appendix G's."""
@@ -188,12 +216,14 @@ class DataConfig(_Section):
     """Longest prompt (hinted prompts included); longer ones are an error, never cut."""
     eval_limit: int | None = None
     """Evaluate on the first N held-out records only (None: all)."""
-    reward: Literal["auto", "math", "exact"] = "auto"
+    reward: RewardName = "auto"
     """Verifier: ``math`` (math-verify on the last \\boxed{} or <answer>), ``exact`` (text after the
     last ``A:``), ``auto`` (exact for builtin: tasks, else math)."""
     reward_workers: int = 1
-    """Verifier processes of the math reward; one worker bottlenecks real runs (use ~1 per CPU core
-    left free by the trainer, e.g. 8 on a GPU node)."""
+    """Verifier processes of the math reward (each ~100 MB; checks of a step run in parallel).
+    One worker checks a step's completions one after another and bottlenecks real runs
+    (thousands of completions a step): use about one per CPU core the trainer leaves free on
+    each node, e.g. 8-16 on a GPU node. The exact reward runs in-process and ignores it."""
 
     def check(self) -> list[str]:
         p: list[str] = []
@@ -202,26 +232,17 @@ class DataConfig(_Section):
             p.append(f"{s}.train is empty: give a .jsonl/.parquet path or builtin:digit_ops")
         if self.prompt_batch_size < 1:
             p.append(f"{s}.prompt_batch_size = {self.prompt_batch_size}: must be >= 1")
-        _check_style(p, s, self.prompt_style)
         if self.hint_template is not None:
             for name in ("problem", "hint"):
                 if self.hint_template.count("{" + name + "}") != 1:
                     p.append(f"{s}.hint_template must contain {{{name}}} exactly once: {self.hint_template[:80]!r}")
         if self.max_prompt_tokens < 1:
             p.append(f"{s}.max_prompt_tokens = {self.max_prompt_tokens}: must be >= 1")
-        if self.reward not in ("auto", "math", "exact"):
-            p.append(f"{s}.reward = {self.reward!r}: choose 'auto', 'math' or 'exact'")
         if self.reward_workers < 1:
-            p.append(f"{s}.reward_workers = {self.reward_workers}: must be >= 1 (verifier processes)")
+            p.append(f"{s}.reward_workers = {self.reward_workers}: must be >= 1 (verifier processes; e.g. 8-16 per GPU node)")
         if self.eval_limit is not None and self.eval_limit < 1:
             p.append(f"{s}.eval_limit = {self.eval_limit}: must be >= 1 or null")
         return p
-
-
-def _check_style(problems: list[str], section: str, style: str) -> None:
-    from nemo_guide.data.templates import PromptStyle
-
-    _check_enum(problems, section, "prompt_style", style, PromptStyle)
 
 
 @dataclass(frozen=True)
@@ -247,7 +268,7 @@ class OptimConfig(_Section):
         p: list[str] = []
         s = self.SECTION
         if self.lr <= 0:
-            p.append(f"{s}.lr = {self.lr}: must be > 0 (1e-6 at 7B; ~3e-5 for the tiny CPU policy)")
+            p.append(f"{s}.lr = {self.lr}: must be > 0 (1e-6 at 7B; 3e-4 for the tiny CPU policy, as conf/tiny_cpu.yaml ships)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             p.append(f"{s}.betas = {list(self.betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         if self.weight_decay < 0:
@@ -263,9 +284,6 @@ class OptimConfig(_Section):
         return p
 
 
-Backend = Literal["torch", "megatron"]
-
-
 @dataclass(frozen=True)
 class BackendConfig(_Section):
     SECTION = "backend"
@@ -276,7 +294,7 @@ class BackendConfig(_Section):
     """A Hugging Face model directory, or builtin:tiny (the small built-in decoder)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     """Parameter dtype for training (float32 on CPU)."""
     tensor_parallel: int = 1
     """Megatron tensor-parallel size."""
@@ -288,12 +306,8 @@ class BackendConfig(_Section):
     def check(self) -> list[str]:
         p: list[str] = []
         s = self.SECTION
-        if self.name not in get_args(Backend):
-            p.append(f"{s}.name = {self.name!r}: choose 'torch' or 'megatron'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             p.append(f"{s}.device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            p.append(f"{s}.dtype = {self.dtype!r}: choose float32, bfloat16 or float16")
         for name in ("tensor_parallel", "pipeline_parallel"):
             v = getattr(self, name)
             if v < 1:
@@ -425,13 +439,15 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is type(None):
         return value is None, value
     if origin is Literal:
-        return value in get_args(annotation), value
+        # any string passes here: the section's choice check reports an unknown one with the valid values
+        args = get_args(annotation)
+        return value in args or (isinstance(value, str) and all(isinstance(a, str) for a in args)), value
     if origin is tuple:
         args = get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             return False, value
         out = []
-        for v, a in zip(value, args):
+        for v, a in zip(value, args, strict=True):
             ok, c = _coerce(v, a)
             if not ok:
                 return False, value

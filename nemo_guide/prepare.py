@@ -80,7 +80,7 @@ def prepare(input_path: Path, output: Path, *, id_field: str = "uuid", workers: 
         scores = pool.score(["\\boxed{" + r.answer + "}" for _, r in candidates], [r.answer for _, r in candidates])
     finally:
         pool.close()
-    for (where, record), score in zip(candidates, scores):
+    for (where, record), score in zip(candidates, scores, strict=True):
         if score == 1.0:
             kept.append(record)
         else:

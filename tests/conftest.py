@@ -1,8 +1,20 @@
 import os
 from pathlib import Path
 
+# Threads. torch sizes its thread pool from OMP_NUM_THREADS once, when it is imported, so the
+# variable must be set before `import torch` (setting it in a fixture, after the import,
+# changes nothing). The suite runs with one intra-op thread per process unless the caller
+# sets OMP_NUM_THREADS: its tensors are tiny (hidden sizes 24-128), where a second thread buys
+# nothing and OpenMP's synchronisation turns into long spin-waits as soon as the 2-core CI
+# machine is shared, or while the gloo tests run two worker processes at once (measured on
+# 2 cores shared with other jobs: tests/test_builtin.py 79 s with 2 threads, 5 s with 1).
+# Processes the tests spawn (gloo workers, CLI subprocesses) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on CPU (set before triton is first imported).
@@ -24,7 +36,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 REPO = Path(__file__).resolve().parents[1]

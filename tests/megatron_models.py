@@ -47,7 +47,7 @@ def make_batch(seed: int = 0) -> RolloutBatch:
     group = [0, 0, 1, 1, 2, 2, 2]
     guided = [False, False, False, False, True, True, True]
     plain_ids = [plain[i] for i in group]
-    sample_ids = [p + ids(6) if gd else p for p, gd in zip(plain_ids, guided)]
+    sample_ids = [p + ids(6) if gd else p for p, gd in zip(plain_ids, guided, strict=True)]
     lengths = [4, 7, 1, 6, 5, 3, 7]
     responses = [ids(n) for n in lengths]
     width = max(lengths)

@@ -77,7 +77,7 @@ def test_errors_name_the_fix(tmp_path):
 def test_bootstrap_band_contains_the_mean():
     ns, cs = [4] * 20, [i % 5 for i in range(20)]
     lo, hi = bootstrap_curve(ns, cs, 4, rounds=300)
-    assert all(a <= b for a, b in zip(lo, hi))
+    assert all(a <= b for a, b in zip(lo, hi, strict=True))
     assert lo[0] <= sum(c / 4 for c in cs) / 20 <= hi[0]
 
 

@@ -36,12 +36,18 @@ def test_warmstart_command_builds_a_loadable_policy(tmp_path):
     assert build["steps"] == 3 and build["batch_size"] == 8
     assert build["command"] == "nemo-guide warmstart --steps 3 --batch-size 8 --lr 0.002 --seed 0"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the command always probes and records it (3 steps learn nothing: accuracies near 0)
+    assert build["probe"].startswith("greedy accuracy on 64 fresh problems")
+    assert set(build["probe_accuracy"]) == {"known", "novel_hinted", "unseen_hinted", "novel", "unseen"}
+    assert all(0.0 <= v <= 1.0 for v in build["probe_accuracy"].values())
 
 
 def test_warmstart_is_seeded(tmp_path):
-    a = build_warmstart(tmp_path / "a.safetensors", steps=2, batch_size=4, log=lambda s: None)
-    b = build_warmstart(tmp_path / "b.safetensors", steps=2, batch_size=4, log=lambda s: None)
+    a = build_warmstart(tmp_path / "a.safetensors", steps=2, batch_size=4, probe=False, log=lambda s: None)
+    b = build_warmstart(tmp_path / "b.safetensors", steps=2, batch_size=4, probe=False, log=lambda s: None)
     assert a["final_loss"] == b["final_loss"]
+    assert a["probe_accuracy"] is None and a["probe"].startswith("skipped")
+    assert json.loads(load_tiny(tmp_path / "a.safetensors")[1]["build"])["probe"] == a["probe"]  # the file says so too
     ma, _ = load_tiny(tmp_path / "a.safetensors")
     mb, _ = load_tiny(tmp_path / "b.safetensors")
-    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True))

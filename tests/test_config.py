@@ -1,8 +1,30 @@
 import dataclasses
+import json
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
-from nemo_guide.config import AlgorithmConfig, Config, ConfigError, config_from_dict, load_config
+from nemo_guide.checkpoint import config_differences
+from nemo_guide.config import (
+    SECTIONS,
+    AlgorithmConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    choice_fields,
+    config_from_dict,
+    load_config,
+)
+from nemo_guide.core.guidance import THRESHOLDS, GuidedGroupMode
+from nemo_guide.core.kl import KL_ESTIMATORS
+from nemo_guide.core.loss import AGGREGATIONS, Shaping, ShapingScope
+from nemo_guide.data.templates import STYLES
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SHIPPED = sorted(CONF.glob("*.yaml"))
 
 
 def _yaml(tmp_path, text):
@@ -14,6 +36,8 @@ def _yaml(tmp_path, text):
 def test_defaults_are_valid_and_frozen():
     cfg = Config()
     assert cfg.algorithm.mode == "guide_grpo" and cfg.algorithm.guided_group == "union"
+    # shaping is off by default; when on, the quantile is per rollout (Appendix E, the authors' runs)
+    assert cfg.algorithm.shaping == "none" and cfg.algorithm.shaping_scope == "rollout"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.algorithm.group_size = 3
 
@@ -60,3 +84,86 @@ def test_section_validation_direct():
     with pytest.raises(ConfigError, match="group_size = 0"):
         AlgorithmConfig(group_size=0)
     assert AlgorithmConfig(mode="guide_grpo").guided and not AlgorithmConfig(mode="grpo").guided
+
+
+def test_choice_fields_are_literals_equal_to_the_registries():
+    algo, data = choice_fields(AlgorithmConfig), choice_fields(DataConfig)
+    # registries: the config accepts exactly the names that have an implementation
+    assert set(algo["guidance_threshold"]) == set(THRESHOLDS.names())
+    assert set(algo["aggregation"]) == set(AGGREGATIONS.names())
+    assert set(algo["kl_estimator"]) == set(KL_ESTIMATORS.names())
+    assert set(data["prompt_style"]) == set(STYLES.names())
+    # core Enums without a registry
+    assert set(algo["guided_group"]) == {m.value for m in GuidedGroupMode}
+    assert set(algo["shaping"]) == {m.value for m in Shaping}
+    assert set(algo["shaping_scope"]) == {m.value for m in ShapingScope}
+    # every choice field of every section is declared this one way (no str field checked elsewhere)
+    declared = {f"{name}.{field}" for name, cls in SECTIONS.items() for field in choice_fields(cls)}
+    assert declared == {
+        "algorithm.mode", "algorithm.guidance_threshold", "algorithm.guided_group", "algorithm.old_logprob_context",
+        "algorithm.shaping", "algorithm.shaping_scope", "algorithm.aggregation", "algorithm.kl_estimator",
+        "data.prompt_style", "data.reward", "backend.name", "backend.dtype",
+    }
+
+
+@pytest.mark.parametrize("section,field", [("algorithm", "mode"), ("algorithm", "kl_estimator"), ("data", "prompt_style"), ("backend", "dtype")])
+def test_unknown_choice_lists_the_valid_values(section, field):
+    choices = choice_fields(SECTIONS[section])[field]
+    with pytest.raises(ConfigError) as info:
+        SECTIONS[section](**{field: "nonsense"})
+    assert info.value.problems == [f"{section}.{field} = 'nonsense': unknown value; choose one of {', '.join(map(repr, choices))}"]
+    # the same message through the loader, with a suggestion for a near miss
+    with pytest.raises(ConfigError, match=r"algorithm.mode = 'grop': unknown value; choose one of 'grpo', .* \(did you mean 'grpo'\?\)"):
+        config_from_dict({"algorithm": {"mode": "grop"}})
+
+
+def test_saved_configs_compare_equal_on_resume():
+    cfg = load_config(CONF / "tiny_cpu.yaml")
+    saved = json.loads(json.dumps(cfg.to_dict()))  # what a checkpoint's config.json holds
+    assert all(type(v) is str for v in (saved["algorithm"]["mode"], saved["algorithm"]["aggregation"], saved["backend"]["dtype"]))
+    assert config_differences(saved, cfg.to_dict()) == []
+    # a run saved before data.reward_workers existed used one verifier process
+    del saved["data"]["reward_workers"]
+    assert config_differences(saved, cfg.to_dict()) == []
+    more = load_config(CONF / "tiny_cpu.yaml", ["data.reward_workers=8", "algorithm.aggregation=paper"])
+    assert config_differences(saved, more.to_dict()) == ["algorithm.aggregation: 'token-mean' -> 'paper'", "data.reward_workers: 1 -> 8"]
+
+
+def test_reward_workers():
+    assert DataConfig().reward_workers == 1
+    assert DataConfig(reward_workers=16).reward_workers == 16
+    with pytest.raises(ConfigError, match=r"data.reward_workers = 0: must be >= 1"):
+        DataConfig(reward_workers=0)
+    with pytest.raises(ConfigError, match=r"data.reward_workers = 'many': expected int"):
+        config_from_dict({"data": {"reward_workers": "many"}})
+
+
+def test_lr_message_agrees_with_the_shipped_tiny_config():
+    with pytest.raises(ConfigError) as info:
+        OptimConfig(lr=0.0)
+    advised = re.search(r"; ([0-9.e-]+) for the tiny CPU policy", str(info.value))
+    assert advised and float(advised.group(1)) == load_config(CONF / "tiny_cpu.yaml").optim.lr
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_documents_every_key(path):
+    """STYLE 9: a comment line right above every key, and a header with the exact launch command."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert f"#   nemo-guide train conf/{path.name}" in lines, "the header must give the launch command"
+    keys = []
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                keys.append((f"{prefix}{key.value}", key.start_mark.line))
+                walk(value, f"{prefix}{key.value}.")
+
+    walk(yaml.compose("\n".join(lines)), "")
+    assert len(keys) > 6
+    undocumented = [f"{name} (line {line + 1})" for name, line in keys if line == 0 or not lines[line - 1].lstrip().startswith("#")]
+    assert undocumented == []

@@ -38,18 +38,18 @@ def random_hf(shape: ModelShape, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     h, f = shape.hidden_size, shape.ffn_hidden_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim  # projection rows
     sd = {"model.embed_tokens.weight": r(shape.vocab_size, h), "model.norm.weight": r(h)}
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         sd.update({
             p + "input_layernorm.weight": r(h), p + "post_attention_layernorm.weight": r(h),
-            p + "self_attn.q_proj.weight": r(shape.q_size, h), p + "self_attn.k_proj.weight": r(shape.kv_size, h),
-            p + "self_attn.v_proj.weight": r(shape.kv_size, h), p + "self_attn.o_proj.weight": r(h, shape.q_size),
+            p + "self_attn.q_proj.weight": r(q, h), p + "self_attn.k_proj.weight": r(kv, h),
+            p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.o_proj.weight": r(h, q),
             p + "mlp.gate_proj.weight": r(f, h), p + "mlp.up_proj.weight": r(f, h), p + "mlp.down_proj.weight": r(h, f),
         })
         if shape.qkv_bias:
-            sd.update({p + "self_attn.q_proj.bias": r(shape.q_size), p + "self_attn.k_proj.bias": r(shape.kv_size),
-                       p + "self_attn.v_proj.bias": r(shape.kv_size)})
+            sd.update({p + "self_attn.q_proj.bias": r(q), p + "self_attn.k_proj.bias": r(kv), p + "self_attn.v_proj.bias": r(kv)})
     if not shape.tie_word_embeddings:
         sd["lm_head.weight"] = r(shape.vocab_size, h)
     return sd
@@ -63,7 +63,7 @@ def test_fuse_qkv_interleaves_per_query_group_by_hand():
     v = torch.tensor([[30.0], [31.0]])
     fused = fuse_qkv(q, k, v, shape)
     assert fused.squeeze(-1).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
-    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, shape), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, shape), (q, k, v), strict=True))
     # biases ([rows]) take the same layout
     assert fuse_qkv(q[:, 0], k[:, 0], v[:, 0], shape).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
 

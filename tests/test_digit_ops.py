@@ -40,7 +40,7 @@ def test_solution_ends_with_answer_and_is_consistent(op):
         rec = digit_ops.make_record(op, a, b, "x")
         assert exact_answer_reward(rec.solution, rec.answer) == 1.0
         c1, c2 = digit_ops.DEFINITIONS[op]
-        for step, x, y in zip(rec.solution.split(";")[1:-1], f"{a:02d}", f"{b:02d}"):
+        for step, x, y in zip(rec.solution.split(";")[1:-1], f"{a:02d}", f"{b:02d}", strict=True):
             p, q, r = (int(part.split("=")[1]) for part in step.split(","))
             assert p == c1 * int(x) % 10 and q == c2 * int(y) % 10
             assert r == (p + q) % 10
@@ -98,7 +98,7 @@ def test_exact_reward():
     assert reward(["p"] * 4, ["x;A:96", "A:96 ", "A:9", "no marker"], answers=["96", "96", "96", "96"]) == [1.0, 1.0, 0.0, 0.0]
     assert exact_answer_reward("A:1;A:96", "96") == 1.0  # the last marker counts
     assert exact_answer_reward("A:96x", "96") == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 prompts, 2 completions and 2 answers"):
         reward(["p"], ["a", "b"], answers=["1", "2"])
 
 

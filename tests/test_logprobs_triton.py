@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from nemo_guide.kernels.logprobs import fused_logprobs, torch_grad_logits, torch_shard_stats  # noqa: E402
-from nemo_guide.kernels.logprobs_triton import triton_grad_logits, triton_shard_stats  # noqa: E402
+from nemo_guide.kernels.logprobs import _pick_impl, fused_logprobs, torch_grad_logits, torch_shard_stats
+from nemo_guide.kernels.logprobs_triton import TritonImpl, triton_grad_logits, triton_shard_stats
 
 
 def inputs(t, v, h, dtype=torch.float32, device="cpu", seed=0):
@@ -34,7 +34,7 @@ def test_shard_stats_match_torch(with_entropy, vocab_start):
     y = y.clamp(min=0)
     ref = torch_shard_stats(h, w, y, vocab_start, 16, with_entropy, torch.float32)
     got = triton_shard_stats(h, w, y, vocab_start, 16, with_entropy, torch.float32)
-    for name, a, b in zip("msat", got, ref):
+    for name, a, b in zip("msat", got, ref, strict=True):
         if b is None:
             assert a is None
             continue
@@ -63,8 +63,14 @@ def test_fused_logprobs_triton_equals_torch_forward_and_backward(chunk):
         lp, ent = fused_logprobs(hh, ww, y, chunk_size=chunk, return_entropy=True, impl=impl)
         ((lp * coef).sum() + 0.3 * ent.sum()).backward()
         outs[impl] = (lp.detach(), ent.detach(), hh.grad, ww.grad)
-    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), outs["triton"], outs["torch"]):
+    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), outs["triton"], outs["torch"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
+
+
+def reference64(hidden, weight, targets):
+    """Log-probs of ``targets`` in float64 from the same inputs. Shape: ``[T]``."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def test_bf16_inputs():
@@ -73,16 +79,34 @@ def test_bf16_inputs():
     got = fused_logprobs(h, w, y, impl="triton")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
+    # both against float64 math on the same bf16 values (exact products, float32 accumulation)
+    want = reference64(h, w, y)
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-6)
 
 
-def test_float64_is_refused_on_triton_and_auto_stays_on_torch_for_cpu(monkeypatch):
+def test_float64_is_refused_on_triton(monkeypatch):
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
     h, w, y = inputs(5, 9, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(ValueError, match="the triton path computes in float32; use impl='torch' for float64 inputs"):
         fused_logprobs(h, w, y, impl="triton")
-    assert fused_logprobs(h, w, y).dtype == torch.float64  # auto: CPU tensors use torch
+    got = fused_logprobs(h, w, y)  # auto: torch, which keeps float64
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference64(h, w, y), atol=1e-12, rtol=1e-12)
     monkeypatch.setenv("NEMO_GUIDE_LOGPROBS_IMPL", "cuda-magic")
-    with pytest.raises(ValueError, match="NEMO_GUIDE_LOGPROBS_IMPL"):
+    with pytest.raises(ValueError, match="impl = 'cuda-magic': choose one of auto, torch, triton .*NEMO_GUIDE_LOGPROBS_IMPL"):
         fused_logprobs(h, w, y)
+
+
+def test_auto_is_torch_and_triton_is_opt_in(monkeypatch):
+    # auto does not look at the device: Triton waits for a GPU benchmark showing it faster
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
+    assert _pick_impl("auto", torch.float32).name == "torch"
+    assert _pick_impl("auto", torch.bfloat16).name == "torch"
+    assert _pick_impl("triton", torch.float32).name == "triton"
+    monkeypatch.setenv("NEMO_GUIDE_LOGPROBS_IMPL", "triton")
+    assert _pick_impl("auto", torch.bfloat16).name == "triton"
+    assert _pick_impl("torch", torch.bfloat16).name == "torch"  # an explicit impl wins over the environment
 
 
 @pytest.mark.gpu
@@ -97,13 +121,17 @@ def test_gpu_triton_matches_torch_at_real_sizes(hidden_size):
         lp, ent = fused_logprobs(hh, ww, y, chunk_size=1024, return_entropy=True, impl=impl)
         (lp.sum() + 0.1 * ent.sum()).backward()
         res[impl] = (lp.detach(), ent.detach(), hh.grad.float(), ww.grad.float())
-    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), res["triton"], res["torch"]):
+    for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), res["triton"], res["torch"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
 
 
 @pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from nemo_guide.kernels.logprobs import _pick_impl
-
-    h = torch.zeros(2, 4, device="cuda", dtype=torch.bfloat16)
-    assert _pick_impl("auto", h, torch.float32).name == "triton"
+def test_gpu_auto_stays_on_torch(monkeypatch):
+    monkeypatch.delenv("NEMO_GUIDE_LOGPROBS_IMPL", raising=False)
+    h, w, y = inputs(16, 70, 32, dtype=torch.bfloat16, device="cuda")
+    calls = []
+    monkeypatch.setattr(TritonImpl, "shard_stats", staticmethod(lambda *a: calls.append("triton") or triton_shard_stats(*a)))
+    fused_logprobs(h, w, y)
+    assert calls == []
+    fused_logprobs(h, w, y, impl="triton")
+    assert calls == ["triton"]

@@ -56,7 +56,10 @@ def test_hand_computed_aggregations():
     mask = torch.tensor([[T, F, F], [T, T, F], [T, T, T]])
     adv = torch.tensor([1.0, 2.0, 3.0])
     guided = torch.tensor([F, F, T])
-    run = lambda agg, **kw: guide_policy_loss(logprobs, torch.zeros(3, 3), adv, mask, guided, aggregation=agg, **kw)[0].item()
+
+    def run(agg, **kw):
+        return guide_policy_loss(logprobs, torch.zeros(3, 3), adv, mask, guided, aggregation=agg, **kw)[0].item()
+
     assert run("token-mean") == pytest.approx(-14 / 6)  # -(1 + 4 + 9) / 6 tokens
     assert run("seq-mean-token-mean") == pytest.approx(-2.0)  # mean(-1, -2, -3)
     assert run("seq-mean-token-sum") == pytest.approx(-14 / 3)  # mean(-1, -4, -9)

@@ -23,10 +23,10 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-import megatron_cpu  # noqa: E402
-import megatron_models as mm  # noqa: E402
+import megatron_cpu
+import megatron_models as mm
 
-from nemo_guide.convert import megatron_to_hf, merge_pipeline_stages, read_hf_shape, unshard_tp  # noqa: E402
+from nemo_guide.convert import megatron_to_hf, merge_pipeline_stages, read_hf_shape, unshard_tp
 
 pytestmark = pytest.mark.multiprocess
 MICRO = 3  # 7 rollouts -> 3 micro-batches, the last one padded with an empty row

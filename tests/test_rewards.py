@@ -81,7 +81,7 @@ def test_reward_function_signature_and_lengths():
     reward = MathReward(num_workers=2)
     try:
         assert reward(["p1", "p2"], [r"\boxed{1}", r"\boxed{3}"], answers=["1", "2"]) == [1.0, 0.0]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="1 prompts but 2 completions"):
             reward(["p1"], [r"\boxed{1}", r"\boxed{3}"], answers=["1", "2"])
     finally:
         reward.close()
@@ -114,8 +114,8 @@ def test_gold_answers_of_every_benchmark():
         wrong = reward([""] * len(rows), ["\\boxed{" + _perturb(g) + "}" for g in golds], answers=golds)
     finally:
         reward.close()
-    failures = [(r["id"], r["answer"]) for r, c in zip(rows, correct) if c != 1.0]
-    accepted_wrong = [(r["id"], r["answer"]) for r, w in zip(rows, wrong) if w != 0.0]
+    failures = [(r["id"], r["answer"]) for r, c in zip(rows, correct, strict=True) if c != 1.0]
+    accepted_wrong = [(r["id"], r["answer"]) for r, w in zip(rows, wrong, strict=True) if w != 0.0]
     print(f"\ngold accepted: {len(rows) - len(failures)}/{len(rows)}; failures: {failures}")
     print(f"perturbed rejected: {len(rows) - len(accepted_wrong)}/{len(rows)}; accepted: {accepted_wrong[:20]}")
     assert len(failures) <= 0.01 * len(rows), failures

@@ -67,7 +67,7 @@ def test_kv_cache_matches_full_forward(random_tiny):
     # Greedy with the cache ...
     responses, finished = generate(sampling_step(model), prompts, pad_id=0, eos_ids=[2], max_new_tokens=12, temperature=0.0)
     # ... equals greedy by full recomputation of each unpadded sequence.
-    for prompt, response in zip(prompts, responses):
+    for prompt, response in zip(prompts, responses, strict=True):
         seq = list(prompt)
         for _ in range(len(response)):
             ids = torch.tensor([seq])
@@ -83,7 +83,7 @@ def test_generation_is_seeded_and_stops_at_eos(random_tiny):
     b = backend.generate(prompts, max_new_tokens=20, temperature=1.0, seed=3)
     c = backend.generate(prompts, max_new_tokens=20, temperature=1.0, seed=4)
     assert a == b and a != c
-    for response, finished in zip(*a):
+    for response, finished in zip(*a, strict=True):
         assert 1 <= len(response) <= 20
         assert finished == (response[-1] in backend.eos_ids)
         assert all(t not in backend.eos_ids for t in response[:-1])
@@ -209,7 +209,7 @@ def test_save_load_roundtrip(random_tiny, tmp_path):
     backend.save(tmp_path / "ckpt")
     other = make_backend(random_tiny)
     other.load(tmp_path / "ckpt")
-    for (k, v), (_, w) in zip(backend.model.state_dict().items(), other.model.state_dict().items()):
+    for (k, v), (_, w) in zip(backend.model.state_dict().items(), other.model.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
     assert other.optimizer.state_dict()["state"][0]["step"] == backend.optimizer.state_dict()["state"][0]["step"]
     # Weights from another model are refused with a clear message.
@@ -253,7 +253,7 @@ def test_hf_generation_matches_full_forward(tiny_qwen2_dir):
     backend = make_backend(tiny_qwen2_dir)
     prompts = [backend.encode("Q:12+34="), backend.encode("H:#=7a+3b;Q:47#31=")]
     responses, _ = backend.generate(prompts, max_new_tokens=6, temperature=0.0)
-    for prompt, response in zip(prompts, responses):
+    for prompt, response in zip(prompts, responses, strict=True):
         seq = list(prompt)
         for _ in range(len(response)):
             seq.append(int(backend.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))

@@ -54,14 +54,6 @@ class ModelShape:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ``ValueError`` naming each size that ``tp``/``pp`` does not divide."""
         problems = []

@@ -39,10 +39,19 @@ class Shaping(str, Enum):
 
 
 class ShapingScope(str, Enum):
+    """Where the ``percentile`` shaping takes its quantile.
+
+    The authors' ``guide_rl`` code takes one quantile per call of its loss, which runs once
+    per micro-batch, and their paper runs use micro-batch size 1: in effect one quantile per
+    rollout, as Appendix E states. Their function cannot run with a larger micro-batch and
+    their per-rollout guided mask, so ``BATCH`` over several rollouts is a variant of ours.
+    """
+
     BATCH = "batch"
-    """One percentile over all guided, unmasked tokens of the call (authors' code)."""
+    """One percentile over all guided, counted tokens of the call (one micro-batch in the loop)."""
     ROLLOUT = "rollout"
-    """One percentile per guided rollout (paper, Appendix E)."""
+    """One percentile per guided rollout over its counted tokens: paper Appendix E and the
+    authors' effective behaviour. The config's default (``algorithm.shaping_scope``)."""
 
 
 class Aggregation(str, Enum):
@@ -156,7 +165,8 @@ def shape_ratios(
         guided_mask: counted tokens of guided rollouts. Shape: ``[N, L]``, bool.
         shaping: ``"none"``, ``"percentile"`` or ``"constant"``.
         shaping_gamma: the quantile (``"percentile"``) or the constant gamma (``"constant"``).
-        shaping_scope: ``"batch"`` or ``"rollout"`` (``"percentile"`` only).
+        shaping_scope: ``"batch"`` (one quantile over every guided token of the call) or
+            ``"rollout"`` (one per guided row); ``"percentile"`` only. See :class:`ShapingScope`.
 
     Returns:
         ``(shaped, gamma)``: ``shaped`` has shape ``[N, L]`` (equal to ``ratio`` outside
@@ -231,6 +241,9 @@ def guide_policy_loss(
         clip_low, clip_high: PPO clip range ``[1 - clip_low, 1 + clip_high]``.
         clip_guided: clip guided tokens too (the paper's ablation; off by default).
         shaping, shaping_gamma, shaping_scope: see :func:`shape_ratios`; guided tokens only.
+            ``shaping_scope`` defaults to ``"batch"`` here, as DESIGN section 4 fixes this
+            signature; the config's ``algorithm.shaping_scope`` defaults to ``"rollout"``
+            (paper Appendix E, and the authors' runs in effect) and the loop always passes it.
         aggregation, num_prompts, group_size: see :func:`aggregate`.
         ref_logprobs: log pi_ref on the plain prompt for the KL term. Shape: ``[N, L]``.
         kl_coef: weight of the KL term (paper: 0); needs ``ref_logprobs`` when > 0.

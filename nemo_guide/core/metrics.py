@@ -62,9 +62,9 @@ def decompose_progress(init_pass1: Sequence, init_passk: Sequence, final_pass1: 
     f = _as_bools("final_pass1", final_pass1)
     if not len(a) == len(b) == len(f):
         raise ValueError(f"init_pass1, init_passk and final_pass1 must have one entry per problem; got {len(a)}, {len(b)}, {len(f)}")
-    progress = sum(1 for x, y in zip(a, f) if not x and y)
-    distillation = sum(1 for x, k, y in zip(a, b, f) if not x and k and y)
-    regression = sum(1 for x, y in zip(a, f) if x and not y)
+    progress = sum(1 for x, y in zip(a, f, strict=True) if not x and y)
+    distillation = sum(1 for x, k, y in zip(a, b, f, strict=True) if not x and k and y)
+    regression = sum(1 for x, y in zip(a, f, strict=True) if x and not y)
     return {
         "problems": len(a),
         "unsolved_init": sum(1 for x in a if not x),
@@ -93,11 +93,11 @@ def decompose_progress_expected(
     f = _as_bools("final_pass1", final_pass1)
     if not len(a) == len(init_n) == len(init_c) == len(f):
         raise ValueError("init_pass1, init_n, init_c and final_pass1 must have one entry per problem")
-    pk = [pass_at_k(int(n), int(c), min(k, int(n))) for n, c in zip(init_n, init_c)]
-    progress = [not x and y for x, y in zip(a, f)]
-    distillation = sum(p for p, on in zip(pk, progress) if on)
+    pk = [pass_at_k(int(n), int(c), min(k, int(n))) for n, c in zip(init_n, init_c, strict=True)]
+    progress = [not x and y for x, y in zip(a, f, strict=True)]
+    distillation = sum(p for p, on in zip(pk, progress, strict=True) if on)
     n_progress = sum(progress)
-    regression = sum(1 for x, y in zip(a, f) if x and not y)
+    regression = sum(1 for x, y in zip(a, f, strict=True) if x and not y)
     return {
         "problems": float(len(a)),
         "unsolved_init": float(sum(1 for x in a if not x)),
@@ -116,7 +116,7 @@ def pass_at_k_curve(ns: Sequence[int], cs: Sequence[int], max_k: int | None = No
     top = min(ns) if max_k is None else max_k
     if top > min(ns):
         raise ValueError(f"max_k={top} exceeds the smallest sample count n={min(ns)}")
-    return [sum(pass_at_k(int(n), int(c), k) for n, c in zip(ns, cs)) / len(ns) for k in range(1, top + 1)]
+    return [sum(pass_at_k(int(n), int(c), k) for n, c in zip(ns, cs, strict=True)) / len(ns) for k in range(1, top + 1)]
 
 
 def absolute_k(curve: Sequence[float], epsilon: float = 0.01) -> tuple[int, bool]:

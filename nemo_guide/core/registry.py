@@ -49,8 +49,9 @@ class Registry(Generic[F]):
     def __getitem__(self, name: str | Enum) -> F:
         key = self.key(name)
         if key not in self._fns:
-            raise ValueError(f"{self.what} {key.value!r} has no implementation registered")
+            raise ValueError(f"{self.what} {key.value!r} has no implementation registered (registered: {', '.join(self.names()) or 'none'})")
         return self._fns[key]
 
     def names(self) -> list[str]:
+        """The names that have an implementation, in registration order."""
         return [k.value for k in self._fns]

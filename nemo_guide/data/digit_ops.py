@@ -83,7 +83,7 @@ def _digits(x: int) -> list[int]:
 def apply(definition: Definition, a: int, b: int) -> str:
     """The answer string (``NUM_DIGITS`` digits, leading zeros kept)."""
     c1, c2 = definition
-    return "".join(str((c1 * x + c2 * y) % 10) for x, y in zip(_digits(a), _digits(b)))
+    return "".join(str((c1 * x + c2 * y) % 10) for x, y in zip(_digits(a), _digits(b), strict=True))
 
 
 def identifies_definition(a: int, b: int) -> bool:
@@ -100,7 +100,7 @@ def solution_text(op: str, definition: Definition, a: int, b: int) -> str:
     """The reference trace: definition; per digit ``c1*x=p,c2*y=q,p+q=r`` (mod 10); ``A:<answer>``."""
     c1, c2 = definition
     steps = []
-    for x, y in zip(_digits(a), _digits(b)):
+    for x, y in zip(_digits(a), _digits(b), strict=True):
         p, q = (c1 * x) % 10, (c2 * y) % 10
         steps.append(f"{c1}*{x}={p},{c2}*{y}={q},{p}+{q}={(p + q) % 10}")
     return f"{definition_text(op, definition)};{';'.join(steps)};{ANSWER_MARKER}{apply(definition, a, b)}"

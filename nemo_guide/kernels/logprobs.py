@@ -13,8 +13,16 @@ every rank gets the same result. The hidden-state gradient is all-reduced like M
 
 Layout (STYLE 4): pure per-shard steps below, one ``autograd.Function`` that does the
 collectives over an explicit process group. The per-shard steps have two implementations
-with one interface (``shard_stats``, ``grad_logits``): pure torch here, fused Triton
-kernels in ``logprobs_triton`` for GPUs.
+with one interface (``shard_stats``, ``grad_logits``): pure torch here (the default on
+every device), fused Triton kernels in ``logprobs_triton`` (opt-in: ``impl="triton"`` or
+``NEMO_GUIDE_LOGPROBS_IMPL=triton``). ``impl="auto"`` stays on torch until
+``benchmarks/logprobs.py`` on a GPU shows the Triton kernels faster; they have been
+checked for correctness (in Triton's interpreter on CPU) but never timed.
+
+Host syncs: the forward and backward issue none on their own. Checking that every target
+id lies in ``[0, V)`` needs one (a reduction read back to the host), so it runs only with
+``debug_checks=True`` or ``NEMO_GUIDE_DEBUG_CHECKS=1``; shape and ``chunk_size`` checks
+read metadata only and always run.
 """
 
 from __future__ import annotations
@@ -75,7 +83,7 @@ def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int
     if not parts:  # T = 0
         empty = torch.empty(0, dtype=dtype, device=hidden.device)
         return empty, empty, (empty if with_entropy else None), empty
-    m, s, a, t = zip(*parts)
+    m, s, a, t = zip(*parts, strict=True)
     return torch.cat(m), torch.cat(s), (torch.cat(a) if with_entropy else None), torch.cat(t)
 
 
@@ -105,9 +113,12 @@ def grad_logits_(
     if ent_term is not None:
         grad.add_(ent_term)
         del ent_term
+    # + g_logp at each row's target column; rows whose target is in another shard add 0 at a
+    # clamped column (a scatter, not indexing with nonzero(), which would sync with the host)
     local = targets - vocab_start
-    rows = torch.nonzero((local >= 0) & (local < grad.shape[-1])).squeeze(-1)
-    grad[rows, local[rows]] += grad_logprob[rows]
+    in_shard = (local >= 0) & (local < grad.shape[-1])
+    add = torch.where(in_shard, grad_logprob, torch.zeros_like(grad_logprob))
+    grad.scatter_add_(-1, local.clamp(0, grad.shape[-1] - 1).unsqueeze(-1), add.unsqueeze(-1).to(grad.dtype))
     return grad
 
 
@@ -210,15 +221,20 @@ class _TorchImpl:
 
 
 IMPLS = ("auto", "torch", "triton")
+IMPL_ENV = "NEMO_GUIDE_LOGPROBS_IMPL"
+DEBUG_ENV = "NEMO_GUIDE_DEBUG_CHECKS"
 
 
-def _pick_impl(impl: str, hidden: torch.Tensor, dtype: torch.dtype):
-    choice = os.environ.get("NEMO_GUIDE_LOGPROBS_IMPL", impl) if impl == "auto" else impl
+def _pick_impl(impl: str, dtype: torch.dtype):
+    """The per-shard implementation for ``impl``; ``auto`` is torch on every device.
+
+    ``auto`` follows ``NEMO_GUIDE_LOGPROBS_IMPL`` when it is set. It does not pick Triton on
+    CUDA: that waits for a GPU measurement (``benchmarks/logprobs.py``) showing it faster.
+    """
+    choice = os.environ.get(IMPL_ENV, impl) if impl == "auto" else impl
     if choice not in IMPLS:
-        raise ValueError(f"impl = {choice!r}: choose one of {', '.join(IMPLS)} (also settable with NEMO_GUIDE_LOGPROBS_IMPL)")
-    if choice == "auto":
-        choice = "triton" if hidden.is_cuda and dtype != torch.float64 and _triton_available() else "torch"
-    if choice == "torch":
+        raise ValueError(f"impl = {choice!r}: choose one of {', '.join(IMPLS)} (also settable with {IMPL_ENV})")
+    if choice in ("auto", "torch"):
         return _TorchImpl
     from nemo_guide.kernels import logprobs_triton  # raises an actionable ImportError without triton
 
@@ -227,10 +243,16 @@ def _pick_impl(impl: str, hidden: torch.Tensor, dtype: torch.dtype):
     return logprobs_triton.TritonImpl
 
 
-def _triton_available() -> bool:
-    import importlib.util
+def _debug_checks_on(debug_checks: bool | None) -> bool:
+    if debug_checks is not None:
+        return debug_checks
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
-    return importlib.util.find_spec("triton") is not None
+
+def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
+    """Raise if a target id is outside ``[0, vocab)``; one host sync (two more to report a failure)."""
+    if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"targets must be token ids in [0, {vocab}); got range [{int(targets.min())}, {int(targets.max())}]")
 
 
 def fused_logprobs(
@@ -242,6 +264,7 @@ def fused_logprobs(
     chunk_size: int = 1024,
     return_entropy: bool = False,
     impl: str = "auto",
+    debug_checks: bool | None = None,
 ):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ W_full.T)``.
 
@@ -255,8 +278,12 @@ def fused_logprobs(
         return_entropy: also return the entropy of each token's distribution.
         impl: ``torch`` (chunked matmuls, any device), ``triton`` (fused GPU kernels: the
             forward never builds logits, the backward one ``[chunk_size, V/tp]`` gradient
-            buffer at a time) or ``auto``: triton for CUDA tensors when it is installed,
-            else torch. ``NEMO_GUIDE_LOGPROBS_IMPL`` overrides ``auto``.
+            buffer at a time; not timed on a GPU yet) or ``auto``: torch on every device,
+            unless ``NEMO_GUIDE_LOGPROBS_IMPL`` names another.
+        debug_checks: also check that every target id lies in ``[0, V)``, which costs a
+            host sync per call. None (default): on when ``NEMO_GUIDE_DEBUG_CHECKS=1``.
+            Without the check an out-of-range id is not detected: it is treated as a
+            target in no shard (logit 0), and its log-prob is meaningless.
 
     Returns:
         Shape: ``[T]`` float32 (float64 for float64 inputs), or ``(logprobs, entropy)``.
@@ -268,8 +295,9 @@ def fused_logprobs(
         raise ValueError(f"targets must have shape [T] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab = weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ValueError(f"targets must be token ids in [0, {vocab}); got range [{int(targets.min())}, {int(targets.max())}]")
-    chosen = _pick_impl(impl, hidden, _compute_dtype(hidden, weight))
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if _debug_checks_on(debug_checks):
+        _check_target_range(targets, weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1))
+    chosen = _pick_impl(impl, _compute_dtype(hidden, weight))
     return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk_size, return_entropy, chosen)

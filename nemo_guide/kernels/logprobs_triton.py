@@ -1,4 +1,4 @@
-"""Triton kernels for ``fused_logprobs`` (the GPU path; the one guarded import of triton).
+"""Triton kernels for ``fused_logprobs`` (the opt-in GPU path, ``impl="triton"``; the one guarded import of triton).
 
 Same two per-shard steps as the torch path, with the same meaning:
 
@@ -13,7 +13,8 @@ Same two per-shard steps as the torch path, with the same meaning:
 
 Accumulation is float32 (IEEE products for float32 inputs, native bf16/fp16 tensor-core
 products otherwise; see ``_prepare`` for the interpreter). Correctness tests run these kernels on CPU under
-``TRITON_INTERPRET=1`` (set before this module is imported).
+``TRITON_INTERPRET=1`` (set before this module is imported). They have not been timed on a
+GPU yet, so ``fused_logprobs(impl="auto")`` does not pick them (see ``benchmarks/logprobs.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ def triton_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: in
     return m.to(dtype), s.to(dtype), (a.to(dtype) if with_entropy else None), target.to(dtype)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
 def triton_grad_logits(hidden, weight, targets, vocab_start, lse, entropy, grad_logprob, grad_entropy, dtype):
     """``[C, V_local]`` gradient w.r.t. this chunk's logits, from recomputed logit tiles."""
     h, w, ieee = _prepare(hidden, weight)
@@ -143,11 +148,10 @@ def triton_grad_logits(hidden, weight, targets, vocab_start, lse, entropy, grad_
     if t:
         bt, bv, bh = _blocks(h.shape[1])
         with_entropy = grad_entropy is not None
-        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-        ent = f32(entropy) if with_entropy else lse
-        g_ent = f32(grad_entropy) if with_entropy else lse
+        ent = _f32(entropy) if with_entropy else lse
+        g_ent = _f32(grad_entropy) if with_entropy else lse
         _grad_kernel[(triton.cdiv(t, bt), triton.cdiv(v, bv))](
-            h, w, targets.contiguous(), f32(lse), ent, f32(grad_logprob), g_ent, out, t, v, h.shape[1], vocab_start,
+            h, w, targets.contiguous(), _f32(lse), ent, _f32(grad_logprob), g_ent, out, t, v, h.shape[1], vocab_start,
             h.stride(0), w.stride(0), out.stride(0), BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, WITH_ENTROPY=with_entropy, IEEE=ieee,
         )
     return out.to(dtype)

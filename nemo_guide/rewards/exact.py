@@ -20,6 +20,8 @@ class ExactAnswerReward:
         self.marker = marker
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], *, answers: Sequence[str], **meta) -> list[float]:
+        if not len(prompts) == len(completions) == len(answers):
+            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(answers)} answers: give one of each per rollout")
         return [exact_answer_reward(c, a, self.marker) for _, c, a in zip(prompts, completions, answers, strict=True)]
 
     def close(self) -> None:

@@ -27,11 +27,10 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class TinyAdapter:
     kind = "builtin"
 
-    def __init__(self, model: TinyDecoder, source: str, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, model: TinyDecoder, source: str) -> None:
         self.model = model
         self.tokenizer = CharTokenizer()
         self.source = source
-        self.metadata = metadata or {}
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_ids = (self.tokenizer.eos_token_id,)
         if model.cfg.vocab_size != self.tokenizer.vocab_size:
@@ -65,7 +64,7 @@ class HFAdapter:
             import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
-            raise ImportError("Hugging Face models need the 'hf' extra: pip install 'nemo-guide[hf]'") from exc
+            raise ImportError("Hugging Face models need the 'hf' extra: pip install -e '.[hf]'") from exc
         path = Path(directory)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -130,9 +129,9 @@ def load_adapter(name: str, dtype: torch.dtype, device: torch.device):
         path = Path(__file__).resolve().parents[2] / "assets" / BUILTIN_MODELS[name]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart` (see README)")
-        model, meta = load_tiny(path)
-        return TinyAdapter(model.to(device=device, dtype=dtype), name, meta)
+        model, _ = load_tiny(path)
+        return TinyAdapter(model.to(device=device, dtype=dtype), name)
     if name.endswith(".safetensors"):
-        model, meta = load_tiny(name)
-        return TinyAdapter(model.to(device=device, dtype=dtype), name, meta)
+        model, _ = load_tiny(name)
+        return TinyAdapter(model.to(device=device, dtype=dtype), name)
     return HFAdapter(name, dtype, device)

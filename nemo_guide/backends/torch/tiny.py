@@ -23,7 +23,6 @@ class CharTokenizer:
     """Character-level tokenizer: ids 0-2 are ``<pad> <bos> <eos>``, then ``\\n`` and ASCII 32-126."""
 
     pad_token_id = 0
-    bos_token_id = 1
     eos_token_id = 2
 
     def __init__(self) -> None:
