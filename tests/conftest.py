@@ -9,7 +9,8 @@ from pathlib import Path
 # machine is shared, or while the gloo tests run two worker processes at once (measured on
 # 2 cores shared with other jobs: tests/test_builtin.py 79 s with 2 threads, 5 s with 1).
 # Processes the tests spawn (gloo workers, CLI subprocesses) inherit the variable.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS", "").strip():  # unset or empty
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
