@@ -113,3 +113,17 @@ def test_hosts_use_the_protocols_without_probing(module):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
     ]
     assert not probes, probes
+
+
+MAX_MODULE_LINES = 400
+MAX_TRAIN_LINES = 80
+
+
+def test_modules_stay_small_and_the_loop_reads_top_to_bottom():
+    """STYLE points 12-13: no module over 400 lines; ``loop.train`` (which composes the named
+    steps) under 80 lines."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+    tree = ast.parse((PACKAGE / "loop.py").read_text(encoding="utf-8"))
+    train = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    assert train.end_lineno - train.lineno + 1 <= MAX_TRAIN_LINES
