@@ -57,22 +57,6 @@ def test_prepare_drops_bad_lines_with_file_line_and_detail(tmp_path):
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl").objects()] == ["in-0", "in-3"]
 
 
-# --- no JSONL parsing outside the reader ---------------------------------------------------
-
-# Every json.load/json.loads in the package outside nemo_guide/data/jsonl.py, and why it is
-# not a JSONL file read. A new call fails this test: read JSONL files with read_jsonl.
-NOT_JSONL = {
-    ("hintgen.py", "_post"): "the body of one HTTP reply",
-    ("rewards/math.py", "VerifierPool._run"): "one protocol line from the verifier subprocess",
-    ("rewards/_worker.py", "serve"): "one protocol line from the parent process",
-    ("checkpoint.py", "read_checkpoint"): "state.json and config.json: one JSON document each",
-    ("convert/shape.py", "read_hf_shape"): "a Hugging Face config.json",
-    ("convert/hf_io.py", "load_hf_state_dict"): "a safetensors index JSON",
-    ("backends/megatron/checkpoint.py", "megatron_to_hf_checkpoint"): "a Hugging Face config.json",
-    ("backends/torch/tiny.py", "TinyConfig.from_json"): "a config string stored in safetensors metadata",
-}
-
-
 def test_prepare_parquet_via_cli(tmp_path, capsys):
     src = tmp_path / "openr1.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS[:2]), src)
