@@ -79,6 +79,68 @@ def test_check_hint():
     assert check_hint("1. think\n2. about\n3. it", "3")[0] == "ok"  # hint numbers are not the answer
 
 
+def _hints(line):
+    return f"1. Think about it.\n2. {line}\n3. Check small cases."
+
+
+@pytest.mark.parametrize(
+    "answer,line",
+    [
+        ("5", "The answer is 5."),  # issue 11: trailing sentence punctuation
+        ("5", "The answer is 5"),
+        ("5", "So x = 5, and then"),
+        ("5", "x=5; done"),
+        ("5", "It is (5)!"),
+        ("5", "Reach $5$."),
+        ("5", r"Reach \(5\)?"),
+        ("5", r"Write \boxed{5}."),
+        ("5", r"It is \text{5}: done"),
+        ("5", "5 is what you get"),
+        (r"\frac{5}{6}", r"You get \frac{5}{6}."),  # issue 11
+        (r"\frac{5}{6}", r"You get $\dfrac{5}{6}$,"),
+        (r"\frac{5}{6}", r"You get \boxed{\frac{5}{6}}"),
+        (r"\frac{5}{6}", r"You get \frac{5} {6}"),
+        (r"\frac{5}{6}", r"You get $\left(\frac{5}{6}\right)$"),
+        ("17", "so the answer is $17$"),
+        ("62.5", "it is 62.5."),
+        (r"20\%", "about 20%."),
+        ("20%", r"about $20\%$"),
+        ("-3", "x = -3."),
+        ("(2, 3)", "the point (2,3)."),
+        (r"\sqrt{2}", r"it is \(\sqrt{2}\)."),
+        (r"\text{(B)}", "choose (B)."),
+        ("5 cm", "it is 5cm."),
+        ("1,000", "it is 1,000."),
+    ],
+)
+def test_check_hint_leaks(answer, line):
+    assert check_hint(_hints(line), answer) == ("leak", f"states the final answer {answer!r}")
+
+
+@pytest.mark.parametrize(
+    "answer,line",
+    [
+        ("5", "Try 15 or 52"),
+        ("5", "Try 5.5"),
+        ("5", "Try 0.5 or .5"),
+        ("5", "About 5,000 people"),
+        ("5", "Take 5/6 or 1/5 of it"),
+        ("5", "Expand x^5, 2^{5} and x_5"),
+        ("5", r"Compare \frac{5}{6} and \sqrt{5}"),
+        ("5", "Try 5x"),
+        ("12", "Count 1 2 3"),
+        ("17", "try 170 or x_17"),
+        (r"\frac{5}{6}", r"Compare \frac{5}{61}"),
+        (r"\frac{5}{6}", r"Compare 2\frac{5}{6}"),
+        (r"\sqrt{2}", r"Compare \frac{1}{\sqrt{2}}"),
+        ("62.5", "it is 62.55"),
+        ("3", "Three is not the answer"),
+    ],
+)
+def test_check_hint_non_leaks(answer, line):
+    assert check_hint(_hints(line), answer) == ("ok", None)
+
+
 def test_failures_retries_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_HINT_KEY", "sk-secret-123")
     server = Server({
@@ -151,5 +213,18 @@ def test_cli_hints(tmp_path, capsys):
         rc = main(["hints", str(src), str(tmp_path / "out.jsonl"), "--base-url", server.url, "--model", "m", "--no-progress"])
         assert rc == 0
         assert json.loads(capsys.readouterr().out)["ok"] == 1
+    finally:
+        server.close()
+
+
+def test_on_leak_reject_catches_an_answer_before_punctuation(tmp_path):
+    server = Server({"a": ["1. Think.\n2. The answer is 17.\n3. Check."], "b": [GOOD]})
+    try:
+        out = tmp_path / "out.jsonl"
+        counts = generate_hints(_records(["a", "b"]), out, _cfg(server.url, on_leak="reject"), progress=False)
+        assert counts["rejected_leak"] == 1 and counts["ok"] == 1
+        assert [r["id"] for r in read_jsonl(out).objects()] == ["b"]
+        rejected = [json.loads(line) for line in (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["status"]) for r in rejected] == [("a", "leak")]
     finally:
         server.close()
