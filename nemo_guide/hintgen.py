@@ -89,7 +89,22 @@ class HintClientConfig:
 
 
 class HintRequestError(RuntimeError):
-    """A request that failed for good (after retries, or a non-retryable status)."""
+    """A request that failed for good (after retries, or a non-retryable status).
+
+    ``attempts``: requests made for the record; ``retries`` = ``attempts - 1``.
+    """
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - 1
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''} ({n - 1} retr{'ies' if n != 2 else 'y'})"
 
 
 # LaTeX that wraps or spaces an answer without changing it: unwrapped or blanked before matching.
@@ -175,7 +190,12 @@ def _post(cfg: HintClientConfig, payload: dict[str, Any], key: str | None) -> di
 
 
 def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
-    """The reply text for ``record`` and the number of retries it took."""
+    """The reply text for ``record`` and the number of retries it took (requests made - 1).
+
+    Raises:
+        HintRequestError: after ``cfg.max_retries`` retries, or at once on a status that is
+            not retried; its message and ``attempts`` count every request made.
+    """
     prompt = TUTOR_PROMPT.replace("{question}", record.problem).replace("{reference_answer}", record.solution or "")
     payload = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}], "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
     delay = cfg.backoff_s
@@ -191,7 +211,7 @@ def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: 
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
             if exc.code not in RETRY_STATUS:
-                raise HintRequestError(f"{last} (not retried)") from None
+                raise HintRequestError(f"{last} is not retried; gave up after {_attempts(attempt + 1)}", attempt + 1) from None
             header = exc.headers.get("Retry-After") if exc.headers else None
             if header is not None:
                 try:
@@ -205,7 +225,7 @@ def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: 
         if attempt < cfg.max_retries:
             sleep(min(cfg.max_backoff_s, retry_after if retry_after is not None else delay))
             delay = min(cfg.max_backoff_s, delay * 2)
-    raise HintRequestError(f"gave up after {cfg.max_retries + 1} attempts; last error: {last}")
+    raise HintRequestError(f"gave up after {_attempts(cfg.max_retries + 1)}; last error: {last}", cfg.max_retries + 1)
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -222,7 +242,11 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, *, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
-    """Generate and append hints for every record not yet in ``out``; returns the counts."""
+    """Generate and append hints for every record not yet in ``out``; returns the counts.
+
+    ``retries`` counts every retry made in this run, for records that succeeded, were
+    rejected or failed alike: it equals the requests sent minus ``requested``.
+    """
     out = Path(out)
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     missing = [r.id for r in records if not r.solution]
@@ -252,6 +276,7 @@ def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, 
                 text, retries = future.result()
             except HintRequestError as exc:
                 counts["failed"] += 1
+                counts["retries"] += exc.retries
                 bad_file.write(json.dumps({"id": record.id, "status": "failed", "reason": str(exc)}) + "\n")
                 bad_file.flush()
             else:

@@ -1,5 +1,6 @@
 """nemo-guide hints against a chat-completions server on 127.0.0.1 that misbehaves on purpose."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -160,7 +161,7 @@ def test_failures_retries_and_resume(tmp_path, monkeypatch):
         counts = generate_hints(records, out, _cfg(server.url), progress=False)
         assert counts["ok"] == 5 and counts["flagged_leak"] == 1 and counts["torn_line_dropped"] == 0
         assert counts["rejected_bad_format"] == 1 and counts["failed"] == 2
-        assert counts["retries"] >= 5  # 2 x 429, 500, malformed, timeout
+        assert counts["retries"] == sum(server.calls.values()) - counts["requested"] == 2 + 1 + 1 + 1 + 3  # 2 x 429, 500, malformed, timeout, dead
         rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
         assert set(rows) == {"ok", "rate", "boom", "garbled", "slow", "leaky"}
         assert rows["ok"]["hint"] == GOOD and rows["ok"]["solution"] == "solution of ok, answer 17"
@@ -226,5 +227,25 @@ def test_on_leak_reject_catches_an_answer_before_punctuation(tmp_path):
         assert [r["id"] for r in read_jsonl(out).objects()] == ["b"]
         rejected = [json.loads(line) for line in (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines()]
         assert [(r["id"], r["status"]) for r in rejected] == [("a", "leak")]
+    finally:
+        server.close()
+
+
+def test_retry_counts_are_the_retries_made(tmp_path):
+    """Issue 11 (21): `retries` counted successes only, so a run whose failures "gave up after
+    2 attempts" reported `retries: 0`. Now every retry counts: requests sent - records requested."""
+    server = Server({"dead": [500], "rate": [429, GOOD], "garbled": ["malformed", "malformed", GOOD], "bad": [500, 400], "ok": [GOOD]})
+    try:
+        cfg = dataclasses.replace(_cfg(server.url), max_retries=2)
+        counts = generate_hints(_records(list(server.scripts)), tmp_path / "out.jsonl", cfg, progress=False)
+        assert counts["failed"] == 2 and counts["ok"] == 3
+        # dead: 3 requests, rate: 2, garbled: 3, bad: 2 (the 400 is not retried), ok: 1
+        assert dict(server.calls) == {"dead": 3, "rate": 2, "garbled": 3, "bad": 2, "ok": 1}
+        assert counts["retries"] == sum(server.calls.values()) - counts["requested"] == 2 + 1 + 2 + 1
+        reasons = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines())}
+        assert reasons == {
+            "dead": "gave up after 3 attempts (2 retries); last error: HTTP 500",
+            "bad": "HTTP 400 is not retried; gave up after 2 attempts (1 retry)",
+        }
     finally:
         server.close()
