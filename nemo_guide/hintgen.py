@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 from nemo_guide.data.errors import file_problems
 from nemo_guide.data.jsonl import prepare_append, read_jsonl
 from nemo_guide.data.records import Record, load_records
+from nemo_guide.rewards.math import matching_braces
 
 # Paper, Appendix G (the instruction given to GPT-4o).
 TUTOR_PROMPT = (
@@ -88,27 +89,92 @@ class HintClientConfig:
 
 
 class HintRequestError(RuntimeError):
-    """A request that failed for good (after retries, or a non-retryable status)."""
+    """A request that failed for good (after retries, or a non-retryable status).
+
+    ``attempts``: requests made for the record; ``retries`` = ``attempts - 1``.
+    """
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - 1
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", "", text.replace("$", "")).lower()
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''} ({n - 1} retr{'ies' if n != 2 else 'y'})"
+
+
+# LaTeX that wraps or spaces an answer without changing it: unwrapped or blanked before matching.
+_WRAPPER = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf)\s*\{")
+_BLANK = re.compile(r"\\left\b|\\right\b|\\[,;:! ]|\\[()\[\]]|(?<!\\)\$|~")
+# Edges of a verbatim answer. Anything else next to it (space, sentence punctuation, brackets,
+# "=", a closing "$") ends it, so "is 5." and "$\frac{5}{6}$," state the answer. A word
+# character, "^" or a brace continues a longer expression: 15, 5x, x_5, 2^5, \sqrt{5} and
+# \frac{5}{6} do not state the answer 5. Next to a digit, a decimal point, a digit group
+# (5,000) or a slash (5/6) continue the number.
+_BEFORE = r"(?<![\w^{\\])"
+_AFTER = r"(?![\w^}])"
+_BEFORE_DIGIT = r"(?<!\.)(?<![0-9],)(?<![0-9]/)"
+_AFTER_DIGIT = r"(?!\.[0-9])(?!,[0-9])(?!/[0-9])"
+
+
+def _leak_text(text: str) -> str:
+    """``text`` as the leak check reads it: ``\\boxed{x}``, ``\\text{x}`` (and ``\\fbox``,
+    ``\\textbf``, ``\\textrm``, ``\\mathrm``, ``\\mathbf``) become `` x ``; math delimiters
+    (``$``, ``\\(``, ``\\)``, ``\\[``, ``\\]``), ``\\left``/``\\right`` and spacing
+    commands become spaces; ``\\dfrac``/``\\tfrac`` read as ``\\frac`` and ``\\%`` as ``%``;
+    lower case."""
+    chars = list(text)
+    braces = matching_braces(text)
+    for m in _WRAPPER.finditer(text):
+        close = braces.get(m.end() - 1)
+        if close is not None:
+            chars[m.start() : m.end()] = " " * (m.end() - m.start())
+            chars[close] = " "
+    text = "".join(chars)
+    text = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", text).replace("\\%", "%")
+    return _BLANK.sub(" ", text).lower()
+
+
+def _answer_pattern(answer: str) -> re.Pattern[str] | None:
+    """A regex for ``answer`` stated verbatim, or None for an empty answer.
+
+    Whitespace is optional between the answer's characters (``\\frac{5} {6}``, ``5 cm``)
+    except inside a run of digits or of letters: ``1 2`` is not ``12``.
+    """
+    gold = " ".join(_leak_text(answer).split()).rstrip(".")
+    if not gold.strip():
+        return None
+    parts = [re.escape(gold[0])]
+    for a, b in zip(gold[:-1], gold[1:], strict=True):
+        if b == " ":
+            continue
+        joined = a == "\\" or (a.isdigit() and b.isdigit()) or (a.isalpha() and b.isalpha())
+        parts.append(("" if joined else r"\s*") + re.escape(b))
+    before = _BEFORE + (_BEFORE_DIGIT if gold[0].isdigit() else "")
+    after = _AFTER + (_AFTER_DIGIT if gold[-1].isdigit() else "")
+    return re.compile(before + "".join(parts) + after)
 
 
 def check_hint(text: str, answer: str) -> tuple[str, str | None]:
     """``(status, reason)``: ``ok``; ``bad_format`` (not 3-5 hints numbered 1..n); ``leak``
-    (the final answer appears verbatim outside the hint numbers)."""
+    (the final answer appears verbatim outside the hint numbers).
+
+    Verbatim means: as a whole token after :func:`_leak_text` (so inside ``$...$``,
+    ``\\boxed{}``, with trailing punctuation or other spacing), not as part of a longer
+    number or expression (``15``, ``5.5``, ``0.5``, ``5,000``, ``5/6``, ``x^5``,
+    ``\\frac{5}{6}`` do not state the answer ``5``).
+    """
     numbers = [int(m.group(1)) for m in _NUMBERED.finditer(text)]
     if not 3 <= len(numbers) <= 5 or numbers != list(range(1, len(numbers) + 1)):
         return "bad_format", f"expected 3-5 hints numbered 1..n, found numbering {numbers}"
-    body = _NUMBERED.sub(lambda m: m.group(0)[-1], text).replace("$", "").lower()
-    gold = _normalise(answer)
-    if gold:
-        # Whole-token match, whitespace-insensitive: an answer "2" does not match inside "12" or "x^2".
-        spaced = r"\s*".join(re.escape(ch) for ch in gold)
-        pattern = r"(?<![0-9a-z.^_{])" + spaced + r"(?![0-9a-z.^_}])"
-        if re.search(pattern, body):
-            return "leak", f"states the final answer {answer!r}"
+    body = _leak_text(_NUMBERED.sub(lambda m: m.group(0)[-1], text))
+    pattern = _answer_pattern(answer)
+    if pattern is not None and pattern.search(body):
+        return "leak", f"states the final answer {answer!r}"
     return "ok", None
 
 
@@ -124,7 +190,12 @@ def _post(cfg: HintClientConfig, payload: dict[str, Any], key: str | None) -> di
 
 
 def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
-    """The reply text for ``record`` and the number of retries it took."""
+    """The reply text for ``record`` and the number of retries it took (requests made - 1).
+
+    Raises:
+        HintRequestError: after ``cfg.max_retries`` retries, or at once on a status that is
+            not retried; its message and ``attempts`` count every request made.
+    """
     prompt = TUTOR_PROMPT.replace("{question}", record.problem).replace("{reference_answer}", record.solution or "")
     payload = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}], "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
     delay = cfg.backoff_s
@@ -140,7 +211,7 @@ def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: 
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
             if exc.code not in RETRY_STATUS:
-                raise HintRequestError(f"{last} (not retried)") from None
+                raise HintRequestError(f"{last} is not retried; gave up after {_attempts(attempt + 1)}", attempt + 1) from None
             header = exc.headers.get("Retry-After") if exc.headers else None
             if header is not None:
                 try:
@@ -154,7 +225,7 @@ def request_hint(cfg: HintClientConfig, record: Record, key: str | None, sleep: 
         if attempt < cfg.max_retries:
             sleep(min(cfg.max_backoff_s, retry_after if retry_after is not None else delay))
             delay = min(cfg.max_backoff_s, delay * 2)
-    raise HintRequestError(f"gave up after {cfg.max_retries + 1} attempts; last error: {last}")
+    raise HintRequestError(f"gave up after {_attempts(cfg.max_retries + 1)}; last error: {last}", cfg.max_retries + 1)
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -171,7 +242,11 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, *, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
-    """Generate and append hints for every record not yet in ``out``; returns the counts."""
+    """Generate and append hints for every record not yet in ``out``; returns the counts.
+
+    ``retries`` counts every retry made in this run, for records that succeeded, were
+    rejected or failed alike: it equals the requests sent minus ``requested``.
+    """
     out = Path(out)
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     missing = [r.id for r in records if not r.solution]
@@ -201,6 +276,7 @@ def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, 
                 text, retries = future.result()
             except HintRequestError as exc:
                 counts["failed"] += 1
+                counts["retries"] += exc.retries
                 bad_file.write(json.dumps({"id": record.id, "status": "failed", "reason": str(exc)}) + "\n")
                 bad_file.flush()
             else:

@@ -1,5 +1,6 @@
 """nemo-guide hints against a chat-completions server on 127.0.0.1 that misbehaves on purpose."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -79,6 +80,68 @@ def test_check_hint():
     assert check_hint("1. think\n2. about\n3. it", "3")[0] == "ok"  # hint numbers are not the answer
 
 
+def _hints(line):
+    return f"1. Think about it.\n2. {line}\n3. Check small cases."
+
+
+@pytest.mark.parametrize(
+    "answer,line",
+    [
+        ("5", "The answer is 5."),  # issue 11: trailing sentence punctuation
+        ("5", "The answer is 5"),
+        ("5", "So x = 5, and then"),
+        ("5", "x=5; done"),
+        ("5", "It is (5)!"),
+        ("5", "Reach $5$."),
+        ("5", r"Reach \(5\)?"),
+        ("5", r"Write \boxed{5}."),
+        ("5", r"It is \text{5}: done"),
+        ("5", "5 is what you get"),
+        (r"\frac{5}{6}", r"You get \frac{5}{6}."),  # issue 11
+        (r"\frac{5}{6}", r"You get $\dfrac{5}{6}$,"),
+        (r"\frac{5}{6}", r"You get \boxed{\frac{5}{6}}"),
+        (r"\frac{5}{6}", r"You get \frac{5} {6}"),
+        (r"\frac{5}{6}", r"You get $\left(\frac{5}{6}\right)$"),
+        ("17", "so the answer is $17$"),
+        ("62.5", "it is 62.5."),
+        (r"20\%", "about 20%."),
+        ("20%", r"about $20\%$"),
+        ("-3", "x = -3."),
+        ("(2, 3)", "the point (2,3)."),
+        (r"\sqrt{2}", r"it is \(\sqrt{2}\)."),
+        (r"\text{(B)}", "choose (B)."),
+        ("5 cm", "it is 5cm."),
+        ("1,000", "it is 1,000."),
+    ],
+)
+def test_check_hint_leaks(answer, line):
+    assert check_hint(_hints(line), answer) == ("leak", f"states the final answer {answer!r}")
+
+
+@pytest.mark.parametrize(
+    "answer,line",
+    [
+        ("5", "Try 15 or 52"),
+        ("5", "Try 5.5"),
+        ("5", "Try 0.5 or .5"),
+        ("5", "About 5,000 people"),
+        ("5", "Take 5/6 or 1/5 of it"),
+        ("5", "Expand x^5, 2^{5} and x_5"),
+        ("5", r"Compare \frac{5}{6} and \sqrt{5}"),
+        ("5", "Try 5x"),
+        ("12", "Count 1 2 3"),
+        ("17", "try 170 or x_17"),
+        (r"\frac{5}{6}", r"Compare \frac{5}{61}"),
+        (r"\frac{5}{6}", r"Compare 2\frac{5}{6}"),
+        (r"\sqrt{2}", r"Compare \frac{1}{\sqrt{2}}"),
+        ("62.5", "it is 62.55"),
+        ("3", "Three is not the answer"),
+    ],
+)
+def test_check_hint_non_leaks(answer, line):
+    assert check_hint(_hints(line), answer) == ("ok", None)
+
+
 def test_failures_retries_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_HINT_KEY", "sk-secret-123")
     server = Server({
@@ -98,7 +161,7 @@ def test_failures_retries_and_resume(tmp_path, monkeypatch):
         counts = generate_hints(records, out, _cfg(server.url), progress=False)
         assert counts["ok"] == 5 and counts["flagged_leak"] == 1 and counts["torn_line_dropped"] == 0
         assert counts["rejected_bad_format"] == 1 and counts["failed"] == 2
-        assert counts["retries"] >= 5  # 2 x 429, 500, malformed, timeout
+        assert counts["retries"] == sum(server.calls.values()) - counts["requested"] == 2 + 1 + 1 + 1 + 3  # 2 x 429, 500, malformed, timeout, dead
         rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
         assert set(rows) == {"ok", "rate", "boom", "garbled", "slow", "leaky"}
         assert rows["ok"]["hint"] == GOOD and rows["ok"]["solution"] == "solution of ok, answer 17"
@@ -151,5 +214,38 @@ def test_cli_hints(tmp_path, capsys):
         rc = main(["hints", str(src), str(tmp_path / "out.jsonl"), "--base-url", server.url, "--model", "m", "--no-progress"])
         assert rc == 0
         assert json.loads(capsys.readouterr().out)["ok"] == 1
+    finally:
+        server.close()
+
+
+def test_on_leak_reject_catches_an_answer_before_punctuation(tmp_path):
+    server = Server({"a": ["1. Think.\n2. The answer is 17.\n3. Check."], "b": [GOOD]})
+    try:
+        out = tmp_path / "out.jsonl"
+        counts = generate_hints(_records(["a", "b"]), out, _cfg(server.url, on_leak="reject"), progress=False)
+        assert counts["rejected_leak"] == 1 and counts["ok"] == 1
+        assert [r["id"] for r in read_jsonl(out).objects()] == ["b"]
+        rejected = [json.loads(line) for line in (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["status"]) for r in rejected] == [("a", "leak")]
+    finally:
+        server.close()
+
+
+def test_retry_counts_are_the_retries_made(tmp_path):
+    """Issue 11 (21): `retries` counted successes only, so a run whose failures "gave up after
+    2 attempts" reported `retries: 0`. Now every retry counts: requests sent - records requested."""
+    server = Server({"dead": [500], "rate": [429, GOOD], "garbled": ["malformed", "malformed", GOOD], "bad": [500, 400], "ok": [GOOD]})
+    try:
+        cfg = dataclasses.replace(_cfg(server.url), max_retries=2)
+        counts = generate_hints(_records(list(server.scripts)), tmp_path / "out.jsonl", cfg, progress=False)
+        assert counts["failed"] == 2 and counts["ok"] == 3
+        # dead: 3 requests, rate: 2, garbled: 3, bad: 2 (the 400 is not retried), ok: 1
+        assert dict(server.calls) == {"dead": 3, "rate": 2, "garbled": 3, "bad": 2, "ok": 1}
+        assert counts["retries"] == sum(server.calls.values()) - counts["requested"] == 2 + 1 + 2 + 1
+        reasons = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines())}
+        assert reasons == {
+            "dead": "gave up after 3 attempts (2 retries); last error: HTTP 500",
+            "bad": "HTTP 400 is not retried; gave up after 2 attempts (1 retry)",
+        }
     finally:
         server.close()

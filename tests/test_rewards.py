@@ -6,6 +6,7 @@ import pytest
 
 from conftest import BENCHMARKS
 from nemo_guide.rewards import MathReward, VerifierPool, extract_answer, format_reward, math_reward
+from nemo_guide.rewards._worker import strip_percent
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,65 @@ def test_extract_answer_is_linear_on_adversarial_input():
 )
 def test_math_reward(completion, answer, expected):
     assert math_reward(completion, answer) == expected
+
+
+@pytest.fixture(scope="module")
+def exact_pool():
+    """One verifier process for a module's hand cases; no fast path: every pair through math-verify."""
+    pool = VerifierPool(num_workers=1, fast_path=False)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("text", [r"20\%", "20%", r"20 \%", r"20\,\%", r"20\text{ percent}", r"20\text{\%}", "20 percent", "20"])
+def test_strip_percent(text):
+    assert strip_percent(text) == "20"
+
+
+@pytest.mark.parametrize(
+    "completion,answer,expected",
+    [
+        # Percent policy: a trailing percent sign is a unit, on either side (issue 11) ...
+        (r"The answer is \boxed{20}", r"20\%", 1.0),
+        (r"\boxed{20\%}", r"20\%", 1.0),
+        (r"\boxed{20%}", r"20\%", 1.0),
+        (r"\boxed{20 \%}", "20%", 1.0),
+        (r"\boxed{20\text{ percent}}", r"$20\%$", 1.0),
+        (r"\boxed{20\%}", "20", 1.0),
+        (r"\boxed{12.5}", r"12.5\%", 1.0),
+        # ... and a number is read in the unit it is given in: 0.2 is not 20%.
+        (r"\boxed{0.2}", r"20\%", 0.0),
+        (r"\boxed{\frac{1}{5}}", r"20\%", 0.0),
+        (r"\boxed{0.2\%}", r"20\%", 0.0),
+        (r"\boxed{21\%}", r"20\%", 0.0),
+        (r"\boxed{20\%}", "21", 0.0),
+        # Gold readings tried in turn: "-1./3" is not LaTeX but reads whole as a plain expression ...
+        (r"\boxed{-\frac{1}{3}}", "-1./3", 1.0),
+        (r"\boxed{-0.5}", "-1./2", 1.0),
+        # ... while a number found inside a gold answer is not a reading of it ($-1./3$ -> -1).
+        (r"\boxed{-1}", "-1./3", 0.0),
+        (r"\boxed{2}", r"\hbar \omega(v+1 / 2)-\frac{E_{0}^{2} e^{2}}{2 m \omega^{2}}", 0.0),
+    ],
+)
+def test_percent_policy_and_gold_readings(completion, answer, expected, exact_pool):
+    assert exact_pool.score([completion], [answer]) == [expected]
+
+
+@pytest.mark.skipif(not BENCHMARKS.is_dir(), reason="../shared/data/benchmarks not present")
+def test_percent_answers_of_olympiadbench():
+    rows = [json.loads(line) for line in (BENCHMARKS / "olympiadbench.jsonl").open()]
+    percent = {r["id"]: r["answer"] for r in rows if "%" in r["answer"]}
+    assert percent == {"olympiadbench-0138": "62.5%", "olympiadbench-0149": r"$8 \%$", "olympiadbench-0187": "17.5%"}
+    values = {"olympiadbench-0138": "62.5", "olympiadbench-0149": "8", "olympiadbench-0187": "17.5"}
+    accepted = [(values[i] + suffix, gold) for i, gold in percent.items() for suffix in ("", r"\%", "%", r" \%")]
+    rejected = [(other, gold) for i, gold in percent.items() for other in (str(float(values[i]) / 100), str(float(values[i]) + 1) + r"\%")]
+    reward = MathReward(num_workers=1, fast_path=False)
+    try:
+        for pairs, expected in ((accepted, 1.0), (rejected, 0.0)):
+            scores = reward([""] * len(pairs), [r"so \boxed{" + pred + "}." for pred, _ in pairs], answers=[gold for _, gold in pairs])
+            assert scores == [expected] * len(pairs), [p for p, s in zip(pairs, scores, strict=True) if s != expected]
+    finally:
+        reward.close()
 
 
 def test_adversarial_inputs_return_within_five_seconds():

@@ -35,7 +35,7 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def _matching_braces(text: str) -> dict[int, int]:
+def matching_braces(text: str) -> dict[int, int]:
     """Index of each ``{`` that is closed -> index of its ``}``; one linear pass."""
     match: dict[int, int] = {}
     stack: list[int] = []
@@ -64,7 +64,7 @@ def extract_answer(completion: str) -> str | None:
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
     boxes = list(_BOX_RE.finditer(completion))
     if boxes:
-        match = _matching_braces(completion)
+        match = matching_braces(completion)
         for box in reversed(boxes):
             open_at = box.end() - 1
             if open_at in match:
