@@ -228,14 +228,16 @@ def test_corrupt_checkpoint_files_are_named_with_the_checkpoint_to_use(random_ti
     for step in (1, 2):
         write_checkpoint(run_dir, step, save_backend=backend.save, state={"step": step}, config={}, keep=2)
     ckpt, previous = step_dir(run_dir, 2), step_dir(run_dir, 1)
-    for name, kind in [("model.safetensors", "not a complete safetensors file"), ("optimizer.pt", "")]:
+    # model.safetensors through load_weights (nemo-guide eval) and load (resume); optimizer.pt through load.
+    for name, kind, loaders in [("model.safetensors", "not a complete safetensors file", (backend.load_weights, backend.load)), ("optimizer.pt", "", (backend.load,))]:
         path = ckpt / name
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2] if damage == "truncated" else random.Random(0).randbytes(len(data)))
-        with pytest.raises(CorruptCheckpoint, match=rf"{path} is corrupt \({kind}.*previous complete checkpoint instead, {previous}: pass checkpoint={previous}"):
-            backend.load(ckpt)
+        for load in loaders:
+            with pytest.raises(CorruptCheckpoint, match=rf"{path} is corrupt \({kind}.*previous complete checkpoint instead, {previous}: pass checkpoint={previous}"):
+                load(ckpt)
         path.write_bytes(data)
-    # load_weights alone (nemo-guide eval), and a file outside any run directory.
+    # A file outside any run directory: nothing to suggest.
     loose = tmp_path / "loose"
     loose.mkdir()
     (loose / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{not json")
