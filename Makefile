@@ -9,6 +9,8 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,hf,megatron,triton
 PYTEST_ARGS ?=
+# Where `make train` writes its run (run.output_dir).
+RUNS ?= runs
 
 .PHONY: install lint test train clean
 
@@ -30,11 +32,12 @@ lint: install
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The main job. It replaces the previous demo run (runs/tiny_cpu) so that it can be re-run;
-# `nemo-guide train` itself never overwrites a run directory (it asks for run.resume=true).
+# The main job, re-runnable: the previous demo run (with any evaluation saved under its
+# checkpoints) is moved aside to $(RUNS)/tiny_cpu.prev-<timestamp>, never deleted, and not
+# while a run is using it; `nemo-guide train` itself never overwrites a run directory.
 train: install
-	rm -rf runs/tiny_cpu
-	$(VENV)/bin/nemo-guide train conf/tiny_cpu.yaml
+	$(VENV)/bin/python -m nemo_guide.rundir set-aside $(RUNS)/tiny_cpu
+	$(VENV)/bin/nemo-guide train conf/tiny_cpu.yaml run.output_dir=$(RUNS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

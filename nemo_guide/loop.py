@@ -34,17 +34,20 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack, closing
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from nemo_guide.backends.base import LossFn, PolicyBackend
-from nemo_guide.checkpoint import atomic_write_text, config_differences, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from nemo_guide.checkpoint import atomic_write_text, latest_checkpoint, read_checkpoint, write_checkpoint
 from nemo_guide.config import Config
 from nemo_guide.data.sources import default_reward, load_split, resolve_eval
 from nemo_guide.errors import RunError
 from nemo_guide.evaluation import heldout_pass1
 from nemo_guide.prompts import PromptSampler, PromptSet, PromptSettings, encode_prompts, require_usable
 from nemo_guide.rewards import RewardFn, make_reward
+from nemo_guide.rundir import Interrupted, interrupts_as_errors, plan_run, run_directory
 from nemo_guide.steps import (
     StepTimer,
     choose_guidance,
@@ -60,7 +63,7 @@ from nemo_guide.steps import (
     update,
     with_old_logprobs,
 )
-from nemo_guide.tracking import MetricsLogger, plot_training, read_metrics
+from nemo_guide.tracking import MetricsLogger, StepReport, plot_training, read_metrics
 
 MAX_CONSECUTIVE_SKIPS = 3
 SUMMARY_FILE = "summary.json"
@@ -117,46 +120,42 @@ def train(
 
     ``reward_fn`` defaults to the configured verifier (closed at the end); ``loss_fn`` to the
     Guide-GRPO surrogate (or the SFT loss in ``mode=sft``). Both are injectable for other tasks and tests.
+    Nothing is written before every check has passed (run directory, config, data); the run
+    directory is locked while the run lasts (:mod:`nemo_guide.rundir`). Ctrl-C closes the
+    logger and the reward workers, then raises :class:`Interrupted`, which says how to continue.
     """
     algo, run = cfg.algorithm, cfg.run
     log = log or print
     started = time.perf_counter()
-    run_dir, ckpt = _prepare_run_dir(cfg)
-    train_prompts, eval_prompts = load_prompts(cfg, backend)
-    owned = reward_fn is None
-    reward_fn = reward_fn or make_reward(reward_name(cfg), num_workers=cfg.data.reward_workers)
-    loss_fn = loss_fn or (sft_loss_fn if algo.mode == "sft" else policy_loss_fn(algo, cfg.data.prompt_batch_size))
-    if algo.kl_coef > 0:
-        backend.snapshot_reference()
-    state = _start_or_resume(cfg, backend, ckpt, log)
-    sampler = PromptSampler(len(train_prompts.records), run.seed, **state["sampler"])
-    history: dict[str, Any] = state["history"]
-    logger = MetricsLogger(run_dir, resume_step=state["step"] if ckpt is not None else None)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-
-    def evaluate(step: int) -> dict[str, float]:
-        if eval_prompts is None:
-            return {}
-        t = time.perf_counter()
-        gen = cfg.generation
-        out = heldout_pass1(backend, backend, reward_fn, eval_prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.eval_temperature, top_p=gen.top_p, seed=step_seed(run.seed, step, EVAL_PHASE))
-        return {**out, "time/eval": time.perf_counter() - t}
-
-    if ckpt is None:
-        log(f"policy: {backend.describe()}")
-        history["eval_before"] = before = evaluate(0)
-        if before:
-            logger.log(0, before)
-            log("eval before training: " + ", ".join(f"{key[5:]} {v:.3f}" for key, v in before.items() if key.startswith("eval/pass1")))
-    bar = _progress_bar(run.name, run.steps, state["step"]) if progress else None
-    consecutive_skips = 0
-    try:
+    with interrupts_as_errors(run.run_dir), ExitStack() as stack:
+        plan_run(cfg)  # in use? a run to continue or to refuse? written by another config?
+        train_prompts, eval_prompts = load_prompts(cfg, backend)
+        run_dir, ckpt = run.run_dir, stack.enter_context(run_directory(cfg, log)).checkpoint
+        if reward_fn is None:
+            reward_fn = stack.enter_context(closing(make_reward(reward_name(cfg), num_workers=cfg.data.reward_workers)))
+        loss_fn = loss_fn or (sft_loss_fn if algo.mode == "sft" else policy_loss_fn(algo, cfg.data.prompt_batch_size))
+        if algo.kl_coef > 0:
+            backend.snapshot_reference()
+        state = _start_or_resume(backend, ckpt, log)
+        sampler = PromptSampler(len(train_prompts.records), run.seed, **state["sampler"])
+        history: dict[str, Any] = state["history"]
+        logger = stack.enter_context(MetricsLogger(run_dir, resume_step=state["step"] if ckpt is not None else None))
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        evaluate = partial(_evaluate, cfg, backend, reward_fn, eval_prompts)
+        if ckpt is None:
+            log(f"policy: {backend.describe()}")
+            history["eval_before"] = before = evaluate(0)
+            if before:
+                logger.log(0, before)
+                log("eval before training: " + ", ".join(f"{key[5:]} {v:.3f}" for key, v in before.items() if key.startswith("eval/pass1")))
+        report = stack.enter_context(StepReport(run.name, run.steps, state["step"], progress=progress, log=log))
+        consecutive_skips = 0
         for step in range(state["step"] + 1, run.steps + 1):
             t_step = time.perf_counter()
             idx = sampler.next(cfg.data.prompt_batch_size)  # 1. a batch of B prompts
             metrics = algorithm_step(cfg, backend, reward_fn, loss_fn, train_prompts, idx, step)
             metrics["train/epoch"] = float(sampler.epoch)
-            consecutive_skips = _count_skips(metrics, state, consecutive_skips, step, cfg, run_dir, lambda m: _write(bar, log, m))
+            consecutive_skips = _count_skips(metrics, state, consecutive_skips, step, cfg, run_dir, report.write)
             # 11. Log, evaluate, checkpoint.
             history.setdefault("train_reward_first", metrics["train/reward"])
             history["train_reward_last"] = metrics["train/reward"]
@@ -168,20 +167,22 @@ def train(
             metrics["time/step"] = time.perf_counter() - t_step
             if step % run.log_every == 0 or step == run.steps:
                 logger.log(step, metrics)
-            if bar is not None:
-                bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", guided=f"{metrics['train/guided_frac']:.2f}", refresh=False)
-                bar.update(1)
+            report.step(step, metrics)
             if (run.save_every and step % run.save_every == 0) or step == run.steps:
                 state.update(step=step, sampler=sampler.state(), history=history, wall_seconds=state["wall_seconds"] + time.perf_counter() - started)
                 started = time.perf_counter()
                 write_checkpoint(run_dir, step, save_backend=backend.save, state=state, config=cfg.to_dict(), keep=run.keep_checkpoints)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
-        if owned:
-            reward_fn.close()
-    return _finish(cfg, run_dir, state, time.perf_counter() - started, log)
+        return _finish(cfg, run_dir, state, time.perf_counter() - started, log)
+
+
+def _evaluate(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, eval_prompts: PromptSet | None, step: int) -> dict[str, float]:
+    """Held-out greedy pass@1 at ``step`` (none without held-out prompts), with its time."""
+    if eval_prompts is None:
+        return {}
+    t = time.perf_counter()
+    gen = cfg.generation
+    out = heldout_pass1(backend, backend, reward_fn, eval_prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.eval_temperature, top_p=gen.top_p, seed=step_seed(cfg.run.seed, step, EVAL_PHASE))
+    return {**out, "time/eval": time.perf_counter() - t}
 
 
 # -- set-up --------------------------------------------------------------------------------
@@ -203,40 +204,14 @@ def load_prompts(cfg: Config, backend: PolicyBackend) -> tuple[PromptSet, Prompt
     return train, encode_prompts(load_split(source, "eval")[: cfg.data.eval_limit], backend, settings, hinted=False)
 
 
-def _prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    run_dir = cfg.run.run_dir
-    existing = list_checkpoints(run_dir)
-    if cfg.run.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise RunError(f"run.resume=true but {run_dir} has no checkpoint; start without resume (or check run.name / run.output_dir)")
-        return run_dir, ckpt
-    if existing or (run_dir / "metrics.jsonl").exists():
-        raise RunError(
-            f"{run_dir} already holds a run ({len(existing)} checkpoint(s)); continue it with run.resume=true, "
-            f"or pick another run.name, or delete the directory"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
-
-
-def _start_or_resume(cfg: Config, backend: PolicyBackend, ckpt: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """The run state: fresh, or the checkpoint's (after checking it was written by this config)."""
+def _start_or_resume(backend: PolicyBackend, ckpt: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The run state: fresh, or the checkpoint's (its config was checked by :func:`plan_run`)."""
     if ckpt is None:
         return {"step": 0, "sampler": {"epoch": 0, "position": 0}, "skipped_updates": 0, "history": {}, "wall_seconds": 0.0}
-    state, saved_config = read_checkpoint(ckpt)
-    diffs = config_differences(saved_config, cfg.to_dict())
-    if diffs:
-        raise RunError(f"{ckpt} was written by another config; differences:\n  " + "\n  ".join(diffs) + "\nfix: resume with the original config, or start a new run.name")
+    state, _ = read_checkpoint(ckpt)
     backend.load(ckpt)
     log(f"resumed from {ckpt} (step {state['step']})")
     return state
-
-
-def _progress_bar(name: str, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
 
 
 def _count_skips(metrics: dict[str, float], state: dict[str, Any], consecutive: int, step: int, cfg: Config, run_dir: Path, say: Callable[[str], None]) -> int:
@@ -252,13 +227,6 @@ def _count_skips(metrics: dict[str, float], state: dict[str, Any], consecutive: 
             f"the weights are unchanged since. Lower optim.lr (now {cfg.optim.lr}) or set optim.grad_clip, and resume from {latest_checkpoint(run_dir)}"
         )
     return consecutive
-
-
-def _write(bar, log: Callable[[str], None], message: str) -> None:
-    if bar is not None:
-        bar.write(message)
-    else:
-        log(message)
 
 
 def _finish(cfg: Config, run_dir: Path, state: dict[str, Any], tail_seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
@@ -286,4 +254,4 @@ def _finish(cfg: Config, run_dir: Path, state: dict[str, Any], tail_seconds: flo
     return summary
 
 
-__all__ = ["RunError", "algorithm_step", "load_prompts", "reward_name", "train"]
+__all__ = ["Interrupted", "RunError", "algorithm_step", "load_prompts", "reward_name", "train"]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from nemo_guide.checkpoint import atomic_write_text
+from nemo_guide.checkpoint import TMP_MARK, atomic_write_text
 from nemo_guide.data.jsonl import prepare_append, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
@@ -99,43 +101,147 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
 
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StepReport:
+    """How a run shows its steps: a tqdm bar, or without one (``progress=False``) a log line
+    (step, reward, guided fraction, s/step, eta) every ``every`` steps (default: 20 lines a
+    run), at the last step, and whenever ``seconds`` have passed since the previous line."""
+
+    def __init__(
+        self,
+        name: str,
+        total: int,
+        initial: int,
+        *,
+        progress: bool,
+        log: Callable[[str], None],
+        every: int | None = None,
+        seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.initial, self.log, self.clock = total, initial, log, clock
+        self.every, self.seconds = every or max(1, total // 20), seconds
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+        self.start = self.last = clock()
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        reward, guided = metrics["train/reward"], metrics["train/guided_frac"]
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{reward:.2f}", guided=f"{guided:.2f}", refresh=False)
+            self.bar.update(1)
+            return
+        now = self.clock()
+        if step % self.every and step != self.total and now - self.last < self.seconds:
+            return
+        self.last = now
+        per_step = (now - self.start) / max(1, step - self.initial)
+        eta = _duration(per_step * (self.total - step))
+        self.log(f"step {step}/{self.total}: reward {reward:.2f}, guided {guided:.2f}, {per_step:.2f} s/step, eta {eta}")
+
+    def write(self, message: str) -> None:
+        """A message between the bar's updates (or a log line)."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            self.log(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> StepReport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    """``"45s"``, ``"3m05s"``, ``"2h07m"``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
 
 def plot_training(run_dir: Path, out: Path | None = None, title: str | None = None) -> Path:
-    """The paper's Figure 3 panels over steps: rollout accuracy without guidance (with held-out
-    pass@1 and the fraction of prompts guided), token entropy, response length."""
+    """Draw :func:`training_figure` of ``run_dir``'s metrics to ``out`` (default ``training_curves.png``),
+    written under a temporary name and renamed, so a kill never leaves half an image."""
+    out = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
+    fig = training_figure(read_metrics(run_dir), title)
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(out.name + f"{TMP_MARK}{os.getpid()}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def training_figure(rows: list[dict[str, Any]], title: str | None = None):
+    """The paper's Figure 3 panels over steps (a matplotlib Figure): rollout accuracy without
+    guidance (with the fraction of prompts guided); held-out greedy pass@1, overall and per kind
+    of problem (``eval/pass1_<kind>``: known and novel operators in the main job); token entropy;
+    response length. Entropy and length start their y axis at 0 and show a rolling mean over
+    the raw series (drawn faint), so a one-token change does not look like a spike."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
-
     def series(key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
     ax.plot(*series("train/reward"), label="rollout accuracy (no hint)")
     ax.plot(*series("train/guided_frac"), label="prompts guided", alpha=0.6)
     ax.plot(*series("train/reward_guided"), label="guided rollout accuracy", alpha=0.6)
-    xs, ys = series("eval/pass1")
-    if xs:
-        ax.plot(xs, ys, "o-", label="held-out pass@1 (greedy)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Accuracy without guidance")
-    ax.legend(fontsize=8, loc="lower right")
-    axes[1].plot(*series("train/entropy"))
-    axes[1].set_title("Token entropy (plain rollouts)")
-    axes[2].plot(*series("train/response_length"))
-    axes[2].set_title("Response length (tokens)")
-    for a in axes:
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
+    ax.set_title("Accuracy without guidance (training)")
+    ax = axes[1]
+    kinds = sorted({k[len("eval/pass1_"):] for r in rows for k in r if k.startswith("eval/pass1_")})
+    for key, label, style in [("eval/pass1", "all", "o-"), *((f"eval/pass1_{kind}", kind, "s--") for kind in kinds)]:
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, ys, style, label=f"held-out pass@1, {label}", markersize=4)
+    ax.set_title("Held-out pass@1 (greedy, no hint)")
+    for ax in axes[:2]:
+        ax.set_ylim(-0.02, 1.02)
+        if ax.get_lines():
+            ax.legend(fontsize=8, loc="lower right")
+    for ax, key, name in ((axes[2], "train/entropy", "Token entropy (plain rollouts)"), (axes[3], "train/response_length", "Response length (tokens)")):
+        xs, ys = series(key)
+        ax.plot(xs, ys, alpha=0.25, label="per step")
+        ax.plot(xs, rolling_mean(ys, max(1, len(ys) // 20)), label=f"rolling mean ({max(1, len(ys) // 20)} steps)")
+        ax.set_ylim(bottom=0, top=max(ys, default=1.0) * 1.1 or 1.0)
+        ax.set_title(name)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig

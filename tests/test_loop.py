@@ -2,17 +2,22 @@
 
 import json
 import math
+import os
+import random
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import nemo_guide.loop as loop_module
 from nemo_guide.backends.torch.backend import TorchBackend
+from nemo_guide.checkpoint import CorruptCheckpoint
 from nemo_guide.cli import main, make_backend
 from nemo_guide.data.records import Record, write_records
 from nemo_guide.errors import RunError
-from nemo_guide.loop import train
+from nemo_guide.loop import Interrupted, train
 from nemo_guide.prompts import PromptSampler
 from nemo_guide.tracking import read_metrics
 
@@ -35,7 +40,8 @@ EXPECTED_METRICS = {
 
 
 def run(cfg, backend=None, **injected):
-    return train(cfg, backend or make_backend(cfg), progress=False, log=lambda s: None, **injected)
+    injected.setdefault("log", lambda s: None)
+    return train(cfg, backend or make_backend(cfg), progress=False, **injected)
 
 
 def test_main_job_short(tiny_cfg):
@@ -151,6 +157,97 @@ def test_resume_reproduces_uninterrupted_run(tiny_cfg, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class KilledSaving(Spy):
+    """A Spy killed (KeyboardInterrupt) while saving checkpoint ``step``, after the weights were written."""
+
+    def __init__(self, inner, step):
+        super().__init__(inner)
+        self.step = step
+
+    def save(self, directory):
+        self.inner.save(directory)
+        if directory.name.startswith(f"step_{self.step:06d}"):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("moment", ["metrics_line", "checkpoint", "summary"])
+def test_a_kill_at_any_moment_leaves_a_run_that_resumes_to_the_uninterrupted_one(tiny_cfg, monkeypatch, moment):
+    """Killed mid-write of step 3's metrics line (the line is torn), of step 4's checkpoint,
+    or of the summary after the last step: resuming gives the uninterrupted run's metrics and weights."""
+    common = ("run.steps=4", "run.save_every=2", "data.eval_limit=4")
+    full_cfg = tiny_cfg(*common, "run.name=full")
+    run(full_cfg)
+    killed_cfg = tiny_cfg(*common, "run.name=killed")
+    run_dir = killed_cfg.run.run_dir
+    backend = make_backend(killed_cfg)
+    if moment == "metrics_line":
+        original = loop_module.MetricsLogger.log
+
+        def torn_at_3(self, step, metrics):
+            if step == 3:
+                row = json.dumps({"step": step, **metrics})
+                self._file.write(row[: len(row) // 2])  # the kill cuts the line
+                self._file.flush()
+                raise KeyboardInterrupt
+            original(self, step, metrics)
+
+        monkeypatch.setattr(loop_module.MetricsLogger, "log", torn_at_3)
+    elif moment == "checkpoint":
+        backend = KilledSaving(backend, 4)
+    else:
+        original_write = loop_module.atomic_write_text
+
+        def killed_writing_summary(path, text):
+            if path.name == "summary.json":
+                path.with_name(f"summary.json.tmp-{os.getpid()}").write_text(text[:10])
+                raise KeyboardInterrupt
+            original_write(path, text)
+
+        monkeypatch.setattr(loop_module, "atomic_write_text", killed_writing_summary)
+    last = {"metrics_line": 2, "checkpoint": 2, "summary": 4}[moment]
+    with pytest.raises(Interrupted, match=f"last complete checkpoint is {re.escape(str(run_dir))}/checkpoints/step_00000{last}: .*run.resume=true"):
+        run(killed_cfg, backend)
+    monkeypatch.undo()
+    if moment == "metrics_line":
+        assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")
+    summary = run(tiny_cfg(*common, "run.name=killed", "run.resume=true"))
+    assert summary["steps"] == 4
+    assert _comparable(read_metrics(run_dir)) == _comparable(read_metrics(full_cfg.run.run_dir))
+    a = load_file(full_cfg.run.run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    b = load_file(run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_resume_from_a_corrupt_checkpoint_names_it_and_the_previous_one(tiny_cfg, damage):
+    common = ("run.steps=2", "run.save_every=1", "data.eval_limit=1", "algorithm.mode=grpo")
+    run(tiny_cfg(*common))
+    ckpts = tiny_cfg(*common).run.run_dir / "checkpoints"
+    bad = ckpts / "step_000002" / "model.safetensors"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncated" else random.Random(0).randbytes(len(data)))
+    cfg = tiny_cfg(*common, "run.steps=3", "run.resume=true")
+    previous, corrupt = re.escape(str(ckpts / "step_000001")), re.escape(str(ckpts / "step_000002"))
+    with pytest.raises(CorruptCheckpoint, match=rf"^{re.escape(str(bad))} is corrupt \(not a complete safetensors file: .*\).*previous complete checkpoint instead, {previous}.*mv {corrupt} {corrupt}.corrupt\) and run again with run.resume=true"):
+        run(cfg)
+    os.rename(ckpts / "step_000002", ckpts / "step_000002.corrupt")  # the advice
+    logs = []
+    assert run(cfg, log=logs.append)["steps"] == 3
+    assert f"resumed from {ckpts / 'step_000001'} (step 1)" in logs
+    assert [r["step"] for r in read_metrics(ckpts.parent)] == [0, 1, 2, 3]
+
+
+def test_without_a_progress_bar_train_logs_periodic_lines(tiny_cfg):
+    logs = []
+    train(tiny_cfg("run.steps=2", "data.eval_limit=1"), make_backend(tiny_cfg("run.steps=2")), progress=False, log=logs.append)
+    lines = [line for line in logs if line.startswith("step ")]
+    assert len(lines) == 2
+    assert re.fullmatch(r"step 1/2: reward \d\.\d\d, guided \d\.\d\d, \d+\.\d\d s/step, eta \d+s", lines[0])
+    assert lines[1].startswith("step 2/2: ") and lines[1].endswith(", eta 0s")
+
+
 def test_resume_refuses_another_config(tiny_cfg):
     run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
     with pytest.raises(RunError, match=r"(?s)another config.*algorithm.group_size: 4 -> 2"):
@@ -161,7 +258,7 @@ def test_existing_run_directory_is_not_overwritten(tiny_cfg):
     run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
     with pytest.raises(RunError, match=r"(?s)already holds a run.*run.resume=true"):
         run(tiny_cfg("run.steps=1", "data.eval_limit=1"))
-    with pytest.raises(RunError, match="no checkpoint"):
+    with pytest.raises(RunError, match="holds no run"):
         run(tiny_cfg("run.steps=1", "run.name=other", "run.resume=true"))
 
 
@@ -171,7 +268,7 @@ def test_records_without_hints_are_an_error_when_guiding(tiny_cfg, tmp_path):
     cfg = tiny_cfg("run.steps=1", f"data.train={data}", "data.reward=exact")
     with pytest.raises(RunError, match=r"(?s)2 unusable.*'b' has no hint.*'c' has no hint.*nemo-guide hints"):
         run(cfg)
-    assert not (cfg.run.run_dir / "checkpoints").exists()
+    assert not cfg.run.run_dir.exists()  # refused before anything was written
     # The same data trains with GRPO (no hints needed).
     run(tiny_cfg("run.steps=1", f"data.train={data}", "data.reward=exact", "algorithm.mode=grpo", "run.name=grpo"))
 

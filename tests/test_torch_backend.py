@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from nemo_guide.backends.base import Generator, Policy, PromptTokenizer
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, load_tiny, sampling_step, save_tiny, sequence_logits
+from nemo_guide.checkpoint import CorruptCheckpoint, step_dir, write_checkpoint
 from nemo_guide.config import BackendConfig, OptimConfig
 from nemo_guide.steps import build_batch, micro_share, policy_loss_fn
 from nemo_guide.config import AlgorithmConfig
@@ -217,6 +219,31 @@ def test_save_load_roundtrip(random_tiny, tmp_path):
     save_tiny(wrong, TinyDecoder(TinyConfig(d_model=16, n_layer=1, n_head=2, d_ff=32)))
     with pytest.raises(ValueError, match=r"ckpt/model.safetensors does not fit backend.model = .*wrong.safetensors.*size mismatch.*another model"):
         make_backend(wrong).load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_corrupt_checkpoint_files_are_named_with_the_checkpoint_to_use(random_tiny, tmp_path, damage):
+    backend = make_backend(random_tiny)
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        write_checkpoint(run_dir, step, save_backend=backend.save, state={"step": step}, config={}, keep=2)
+    ckpt, previous = step_dir(run_dir, 2), step_dir(run_dir, 1)
+    # model.safetensors through load_weights (nemo-guide eval) and load (resume); optimizer.pt through load.
+    for name, kind, loaders in [("model.safetensors", "not a complete safetensors file", (backend.load_weights, backend.load)), ("optimizer.pt", "", (backend.load,))]:
+        path = ckpt / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else random.Random(0).randbytes(len(data)))
+        for load in loaders:
+            with pytest.raises(CorruptCheckpoint, match=rf"{path} is corrupt \({kind}.*previous complete checkpoint instead, {previous}: pass checkpoint={previous}"):
+                load(ckpt)
+        path.write_bytes(data)
+    # A file outside any run directory: nothing to suggest.
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{not json")
+    with pytest.raises(CorruptCheckpoint, match=rf"{loose / 'model.safetensors'} is corrupt .*no other checkpoint to suggest"):
+        backend.load_weights(loose)
+    backend.load(ckpt)  # repaired: loads
 
 
 def test_reference_snapshot_is_frozen(random_tiny):

@@ -28,6 +28,7 @@ import torch
 from nemo_guide.backends.base import Context, LossFn, RolloutBatch
 from nemo_guide.backends.torch.models import load_adapter
 from nemo_guide.backends.torch.sampling import generate, left_pad, right_pad
+from nemo_guide.checkpoint import corrupt, load_torch_file
 from nemo_guide.config import BackendConfig, OptimConfig
 from nemo_guide.kernels.logprobs import fused_logprobs
 from nemo_guide.tracking import reduce_metrics
@@ -197,16 +198,26 @@ class TorchBackend:
 
     def load(self, directory: Path) -> None:
         self.load_weights(directory)
-        state = torch.load(Path(directory) / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = load_torch_file(Path(directory) / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def load_weights(self, directory: Path) -> None:
+        """The weights of ``directory/model.safetensors``.
+
+        Raises:
+            CorruptCheckpoint: the file is cut short or not a safetensors file (the message names
+                the checkpoint to use instead).
+            ValueError: its tensors do not fit ``backend.model``.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         path = Path(directory) / "model.safetensors"
         try:
             missing, unexpected = load_model(self.model, str(path), strict=False, device=str(self.device))
+        except SafetensorError as exc:  # a bad header: cut short, or another kind of file
+            raise corrupt(path, f"not a complete safetensors file: {exc}") from None
         except RuntimeError as exc:  # tensors of another shape
             raise ValueError(f"{path} does not fit backend.model = {self.cfg.model!r} ({str(exc).splitlines()[-1].strip()}); was it written by another model?") from None
         if unexpected or [m for m in missing if not self._tied(m)]:
