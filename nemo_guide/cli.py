@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -190,18 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="nemo-guide", description="Guide-GRPO: adaptive guidance for RL of reasoning LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> the command's parser
 
     p = sub.add_parser("config", help="validate a YAML config (with key=value overrides) and print it resolved")
     p.add_argument("config", help="path to a YAML config, e.g. conf/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.group_size=4")
-    p.set_defaults(func=_cmd_config)
+    p.set_defaults(func=_cmd_config, parser=p)
 
     p = sub.add_parser("train", help="train with the embedded backend (writes runs/<run.name>/)")
     p.add_argument("config", help="path to a YAML config, e.g. conf/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10 algorithm.mode=grpo")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, parser=p)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k on benchmarks (or the held-out set) of a checkpoint or backend.model")
     p.add_argument("config", help="the run's YAML config")
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=["math", "exact"], default=None, help="verifier (default: the config's data.reward)")
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval or runs/<name>/eval)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, parser=p)
 
     p = sub.add_parser("analyze", help="self-distillation vs capability gain (Eq. 1-2) from two eval sample files")
     p.add_argument("before", help="samples.jsonl of the initial policy (nemo-guide eval; --with-hints for Figure 2)")
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the curves' 95%% bands")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
-    p.set_defaults(func=_cmd_analyze)
+    p.set_defaults(func=_cmd_analyze, parser=p)
 
     p = sub.add_parser("hints", help="generate hints from reference solutions (Appendix G) via a chat-completions API")
     p.add_argument("input", help="records with 'solution' (JSONL/Parquet)")
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--on-leak", choices=["flag", "reject"], default="flag", help="a reply stating the final answer: keep it flagged, or reject it")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_hints)
+    p.set_defaults(func=_cmd_hints, parser=p)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", help="records JSONL; dropped rows go to OUTPUT.dropped.jsonl")
     q.add_argument("--id-field", default="uuid", help="row field used as the record id (default uuid; else id; else <stem>-<row>)")
     q.add_argument("--workers", type=int, default=2, help="verifier processes")
-    q.set_defaults(func=_cmd_data_prepare)
+    q.set_defaults(func=_cmd_data_prepare, parser=q)
 
     p = sub.add_parser("convert", help="Hugging Face (Qwen2/Llama) <-> Megatron-core distributed checkpoint (needs the megatron extra)")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="a new directory (never overwritten)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype written (default bfloat16)")
     p.add_argument("--hf-config", default=None, help="megatron-to-hf: the model's config.json, if the checkpoint has no hf_config.json")
-    p.set_defaults(func=_cmd_convert)
+    p.set_defaults(func=_cmd_convert, parser=p)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")
@@ -265,19 +267,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(func=_cmd_warmstart)
+    p.set_defaults(func=_cmd_warmstart, parser=p)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+"""File errors a user causes (a wrong path, a file in the way, a file not in UTF-8)."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the CLI reports in one line with exit code 2 (STYLE point 21): the project's own
+    error types (:class:`ConfigError`, :class:`DataError` and its :class:`JsonlError`,
+    :class:`RunError`) and :data:`FILE_ERRORS`. Anything else is a bug and keeps its traceback."""
     from nemo_guide.config import ConfigError
-    from nemo_guide.data.records import DataError
+    from nemo_guide.data.errors import DataError
     from nemo_guide.errors import RunError
 
-    args = build_parser().parse_args(argv)
+    return (ConfigError, DataError, RunError, *FILE_ERRORS)
+
+
+OVERRIDE_COMMANDS = ("config", "train", "eval")
+KEY_VALUE = re.compile(r"\+?[A-Za-z_][\w.]*=")
+
+
+def _pull_overrides(command: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv without the key=value overrides, the overrides in order)``; the value of an
+    option taking one value (``--benchmark NAME=FILE``) stays with its option."""
+    single = {s for action in command._actions for s in action.option_strings if action.nargs is None}
+    kept, pulled, i = argv[:1], [], 1
+    while i < len(argv):
+        if argv[i] in single:
+            kept += argv[i : i + 2]
+            i += 2
+            continue
+        (pulled if KEY_VALUE.match(argv[i]) else kept).append(argv[i])
+        i += 1
+    return kept, pulled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. ``key=value`` overrides may come before, between or after flags
+    (``train conf/x.yaml --no-progress run.steps=2``, ``eval conf/x.yaml --k 1 4 checkpoint=DIR``)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pulled: list[str] = []
+    if argv and argv[0] in OVERRIDE_COMMANDS:
+        argv, pulled = _pull_overrides(parser.commands[argv[0]], argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the usage of the command, not the top-level one
+        args.parser.error("unrecognized arguments: " + " ".join(unknown))
+    if pulled:
+        args.overrides = [*args.overrides, *pulled]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

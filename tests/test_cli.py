@@ -1,6 +1,14 @@
 import json
+from pathlib import Path
 
-from nemo_guide.cli import main
+import pytest
+
+from nemo_guide.cli import main, parse_args
+from nemo_guide.config import ConfigError
+from nemo_guide.data.errors import DataError
+from nemo_guide.errors import RunError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_config_command_prints_resolved_config(tmp_path, capsys):
@@ -16,3 +24,78 @@ def test_config_command_reports_errors(tmp_path, capsys):
     path.write_text("algorithm:\n  group_size: 0\n")
     assert main(["config", str(path)]) == 2
     assert f"{path}:2: algorithm.group_size = 0" in capsys.readouterr().err
+
+
+# -- STYLE point 21: user errors in one line, bugs with their traceback ---------------------------
+
+
+@pytest.mark.parametrize("error", [ValueError("internal"), KeyError("internal"), TypeError("internal")])
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, error):
+    import nemo_guide.config
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(nemo_guide.config, "load_config", broken)
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  steps: 1\n")
+    with pytest.raises(type(error), match="internal"):
+        main(["config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: RunError("cannot start: do this"),
+        lambda: DataError("f.jsonl:3: bad; fix it"),
+        lambda: ConfigError(["x = 1: bad"], "c.yaml"),
+        lambda: FileNotFoundError("dataset file x.jsonl does not exist"),
+        lambda: IsADirectoryError("config conf is a directory"),
+    ],
+)
+def test_a_user_error_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys, make_error):
+    import nemo_guide.config
+
+    def refuse(*args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(nemo_guide.config, "load_config", refuse)
+    assert main(["config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(make_error()) in err and "Traceback" not in err
+
+
+def test_a_directory_given_as_config_names_a_yaml_file(capsys):
+    assert main(["config", str(CONF)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: config {CONF} is a directory, not a YAML file; pick one of its YAML files, e.g. {CONF}/" in err
+
+
+# -- key=value overrides anywhere ------------------------------------------------------------------
+
+
+def test_overrides_may_follow_flags():
+    args = parse_args(["train", "conf/x.yaml", "--no-progress", "run.steps=2", "run.seed=3"])
+    assert args.no_progress and args.overrides == ["run.steps=2", "run.seed=3"]
+    args = parse_args(["train", "conf/x.yaml", "run.steps=1", "--no-progress", "run.steps=2"])
+    assert args.overrides == ["run.steps=1", "run.steps=2"]  # in order: the later one wins
+    # after an option taking several values, and next to an option whose value holds '='
+    args = parse_args(["eval", "c.yaml", "--k", "1", "4", "checkpoint=runs/x/step_1", "--benchmark", "gsm8k=g.jsonl", "data.eval_limit=4"])
+    assert args.k == [1, 4] and args.benchmark == ["gsm8k=g.jsonl"]
+    assert args.overrides == ["checkpoint=runs/x/step_1", "data.eval_limit=4"]
+
+
+def test_overrides_after_a_flag_reach_the_config(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  steps: 1\n")
+    assert main(["config", str(path), "run.steps=5", "algorithm.group_size=4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["steps"] == 5 and out["algorithm"]["group_size"] == 4
+
+
+def test_an_unknown_flag_is_reported_with_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["train", "conf/x.yaml", "--no-progress", "--bogus", "run.steps=2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: nemo-guide train" in err and "unrecognized arguments: --bogus" in err
