@@ -26,12 +26,12 @@ from typing import Any, Iterable, Sequence
 
 from nemo_guide.backends.base import Generator, PromptTokenizer
 from nemo_guide.core.metrics import pass_at_k
-from nemo_guide.data.jsonl import prepare_append, read_jsonl
+from nemo_guide.data.jsonl import prepare_append
 from nemo_guide.data.records import Record
 from nemo_guide.prompts import Prompt, PromptSet, PromptSettings, encode_prompts
 from nemo_guide.rewards import RewardFn, is_correct
+from nemo_guide.samples import SAMPLES_FILE, read_samples
 
-SAMPLES_FILE = "samples.jsonl"
 Z95 = 1.959964
 
 
@@ -50,21 +50,6 @@ class SamplingSpec:
     with_hints: bool = False
     """Also evaluate the hinted prompt of records that have a hint (Figure 2)."""
     seed: int = 0
-
-
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The rows of a samples file (none if it does not exist).
-
-    A torn final line (an evaluation killed mid-write) is left out: that sample counts as
-    not generated, and the next ``evaluate_benchmarks`` cuts it off and generates it again.
-
-    Raises:
-        JsonlError: a bad line before the last one, named by file:line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return read_jsonl(path, append_only=True).objects()
 
 
 def evaluate_benchmarks(
