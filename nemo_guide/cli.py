@@ -31,6 +31,54 @@ def make_backend(cfg):
     )
 
 
+THREADS_HELP = (
+    "torch CPU threads: N, or auto (default): 1 when the policy runs on CPU (backend.device cpu, or auto without CUDA), "
+    "else torch's default; OMP_NUM_THREADS, when set, is kept. More threads help only on an otherwise idle machine"
+)
+
+
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of threads >= 1, or auto")
+    return int(value)
+
+
+def apply_threads(requested: int | str, device: str) -> int:
+    """Set torch's intra-op thread count for a command that computes with torch; returns it.
+
+    ``auto`` does not fall into the trap of torch's default on a busy machine: on CPU every
+    thread of an OpenMP region waits at a barrier for the slowest, so one descheduled thread
+    stalls them all (issue 11: steps 21x slower with torch's 2 threads on 2 busy cores). It picks 1 thread when the policy runs on CPU, torch's default on a GPU, and keeps
+    an explicit ``OMP_NUM_THREADS``. The choice is logged once, to stderr.
+
+    Raises:
+        RunError: ``device`` asks for CUDA and none is visible.
+    """
+    import os
+
+    import torch
+
+    from nemo_guide.errors import RunError
+
+    cuda = torch.cuda.is_available()
+    if device.startswith("cuda") and not cuda:
+        raise RunError(f"backend.device = {device!r} but no CUDA device is visible; use backend.device=cpu or auto")
+    on_cpu = device == "cpu" or (device == "auto" and not cuda)
+    if requested != "auto":
+        count, why = int(requested), "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        count, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    elif on_cpu:
+        count, why = 1, "--threads auto: the policy runs on CPU"
+    else:
+        count, why = torch.get_num_threads(), "--threads auto: torch's default, the policy runs on the GPU"
+    torch.set_num_threads(count)
+    print(f"torch threads: {count} ({why}); more help only on an otherwise idle machine (--threads N)", file=sys.stderr)
+    return count
+
+
 def _split_checkpoint(overrides: list[str]) -> tuple[list[str], str | None]:
     rest, ckpt = [], None
     for item in overrides:
@@ -48,13 +96,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from nemo_guide.loop import train
 
     cfg = _load(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads, cfg.backend.device)
     backend = make_backend(cfg)
     summary = train(cfg, backend, progress=not args.no_progress)
     keys = ("steps", "wall_seconds", "train_reward_first", "train_reward_last", "eval_before", "eval_after")
@@ -92,6 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     args.overrides = overrides
     cfg = _load(args)
     benchmarks = _benchmarks(args, cfg)
+    apply_threads(args.threads, cfg.backend.device)
     backend = make_backend(cfg)
     if ckpt is not None:
         backend.load_weights(Path(ckpt))
@@ -163,12 +209,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    import torch
-
     from nemo_guide.backends.torch.warmstart import ASSET, build_warmstart
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads, "cpu")  # the warm start trains on CPU
     build_warmstart(args.out or ASSET, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     return 0
 
@@ -178,6 +221,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from nemo_guide.backends.megatron import checkpoint as mcheckpoint
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
+    apply_threads(args.threads, "cpu")  # conversion reshapes and casts tensors on CPU
     if args.direction == "hf-to-megatron":
         out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=args.dtype)
     else:
@@ -202,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to a YAML config, e.g. conf/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10 algorithm.mode=grpo")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_train, parser=p)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k on benchmarks (or the held-out set) of a checkpoint or backend.model")
@@ -216,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-hints", action="store_true", help="also evaluate hinted prompts of records with a hint (Figure 2)")
     p.add_argument("--reward", choices=["math", "exact"], default=None, help="verifier (default: the config's data.reward)")
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval or runs/<name>/eval)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line to stderr every 10%% or 30 s")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_eval, parser=p)
 
     p = sub.add_parser("analyze", help="self-distillation vs capability gain (Eq. 1-2) from two eval sample files")
@@ -258,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="a new directory (never overwritten)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype written (default bfloat16)")
     p.add_argument("--hf-config", default=None, help="megatron-to-hf: the model's config.json, if the checkpoint has no hf_config.json")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_convert, parser=p)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
@@ -266,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_warmstart, parser=p)
     return parser
 

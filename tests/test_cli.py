@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_guide.cli import main, parse_args
+from nemo_guide.cli import apply_threads, main, parse_args
 from nemo_guide.config import ConfigError
 from nemo_guide.data.errors import DataError
 from nemo_guide.errors import RunError
@@ -99,3 +99,64 @@ def test_an_unknown_flag_is_reported_with_the_commands_usage(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: nemo-guide train" in err and "unrecognized arguments: --bogus" in err
+
+
+# -- --threads -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_auto_is_one_on_cpu_and_torchs_default_on_a_gpu(monkeypatch, capsys, keep_threads):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.set_num_threads(2)
+    assert apply_threads("auto", "cpu") == 1 and torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    assert apply_threads("auto", "auto") == 1  # auto without CUDA is CPU
+    err = capsys.readouterr().err
+    assert err.count("torch threads: 1 (--threads auto: the policy runs on CPU)") == 2
+    assert "more help only on an otherwise idle machine" in err
+    assert apply_threads(3, "cpu") == 3 and torch.get_num_threads() == 3
+    with pytest.raises(RunError, match="no CUDA device is visible"):
+        apply_threads("auto", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.set_num_threads(2)
+    assert apply_threads("auto", "auto") == 2 and apply_threads("auto", "cuda:0") == 2  # the GPU policy: torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert apply_threads("auto", "cpu") == 2  # an explicit OMP_NUM_THREADS is kept
+    assert "(OMP_NUM_THREADS)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "c.yaml"],
+        ["eval", "c.yaml"],
+        ["warmstart", "--out", "w.safetensors"],
+        ["convert", "hf-to-megatron", "in", "out"],
+    ],
+)
+def test_every_torch_command_takes_threads_with_default_auto(argv):
+    assert parse_args(argv).threads == "auto"
+    assert parse_args([*argv, "--threads", "4"]).threads == 4
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--threads", "0"])
+
+
+def test_eval_logs_the_thread_count_once(tmp_path, monkeypatch, capsys, keep_threads):
+    from conftest import SMALL, TINY_CONF
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = ["eval", str(TINY_CONF), *SMALL, "backend.device=cpu", "--limit", "2", "--n", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("torch threads: 1 (--threads auto: the policy runs on CPU)") == 1
