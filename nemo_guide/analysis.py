@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from nemo_guide.core.metrics import absolute_k, decompose_progress, decompose_progress_expected, pass_at_k, pass_at_k_curve
 from nemo_guide.data.errors import DataError
 from nemo_guide.errors import RunError
-from nemo_guide.evaluation import ProblemStats, problem_stats
+from nemo_guide.eval_report import ProblemStats, problem_stats
 from nemo_guide.samples import read_sample_file
 
 

@@ -20,6 +20,9 @@ def make_backend(cfg):
     if cfg.backend.name == "torch":
         from nemo_guide.backends.torch.backend import TorchBackend
 
+        if cfg.backend.model.startswith("builtin:"):
+            _builtin_weights(cfg.backend.model)  # an unknown name is the user's mistake, said in one line
+
         return TorchBackend(cfg.backend, cfg.optim, temperature=cfg.generation.temperature, seed=cfg.run.seed)
     from nemo_guide.errors import RunError
 
@@ -37,12 +40,14 @@ THREADS_HELP = (
 )
 
 
-def _threads(value: str) -> int | str:
-    if value == "auto":
-        return value
+def _at_least_one(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a number of threads >= 1, or auto")
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number >= 1")
     return int(value)
+
+
+def _threads(value: str) -> int | str:
+    return value if value == "auto" else _at_least_one(value)
 
 
 def apply_threads(requested: int | str, device: str) -> int:
@@ -80,13 +85,8 @@ def apply_threads(requested: int | str, device: str) -> int:
 
 
 def _split_checkpoint(overrides: list[str]) -> tuple[list[str], str | None]:
-    rest, ckpt = [], None
-    for item in overrides:
-        if item.startswith("checkpoint="):
-            ckpt = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    return rest, ckpt
+    ckpts = [item.split("=", 1)[1] for item in overrides if item.startswith("checkpoint=")]
+    return [item for item in overrides if not item.startswith("checkpoint=")], (ckpts[-1] if ckpts else None)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -107,74 +107,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmarks(args: argparse.Namespace, cfg) -> list:
-    from nemo_guide.data.records import load_records
-    from nemo_guide.data.sources import load_split, resolve_eval
+def _builtin_weights(model: str) -> Path:
+    """The packaged weights file of ``builtin:<name>``."""
+    from nemo_guide.backends.torch.models import BUILTIN_MODELS
     from nemo_guide.errors import RunError
-    from nemo_guide.evaluation import Benchmark
 
-    out = []
-    for item in args.benchmark or []:
-        name, _, path = item.rpartition("=")
-        path_obj = Path(path)
-        out.append(Benchmark(name or path_obj.stem, load_split(path, "eval") if path.startswith("builtin:") else load_records(path_obj)))
-    if not out:
-        source = resolve_eval(cfg.data.train, cfg.data.eval)
-        if source is None:
-            raise RunError("nothing to evaluate: pass --benchmark NAME=FILE.jsonl, or set data.eval in the config")
-        out.append(Benchmark(Path(source).stem if not source.startswith("builtin:") else source[len("builtin:"):], load_split(source, "eval")))
-    limit = args.limit if args.limit is not None else cfg.data.eval_limit
-    return [Benchmark(b.name, b.records[:limit]) for b in out]
+    if model not in BUILTIN_MODELS:
+        raise RunError(f"backend.model = {model!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
+    return Path(__file__).resolve().parent / "assets" / BUILTIN_MODELS[model]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from nemo_guide.data.sources import default_reward
-    from nemo_guide.evaluation import SamplingSpec, evaluate_benchmarks, markdown_table, read_samples, summarize
+    from nemo_guide.errors import RunError
+    from nemo_guide.eval_report import report, write_results
+    from nemo_guide.evaluation import SamplingSpec, eval_reward, evaluate_benchmarks, load_benchmarks, read_samples
     from nemo_guide.prompts import PromptSettings
     from nemo_guide.rewards import make_reward
+    from nemo_guide.samples import SAMPLES_FILE, check_reuse, model_source
 
-    overrides, ckpt = _split_checkpoint(list(args.overrides))
-    args.overrides = overrides
+    ks = sorted(set(args.k if args.k is not None else [1] if args.n else []))
+    if args.n < 0:
+        raise RunError(f"--n {args.n}: give the number of samples per problem besides the greedy answer (0 or more)")
+    if any(k < 1 or k > args.n for k in ks):
+        raise RunError(f"--k {' '.join(map(str, ks))} with --n {args.n}: pass@k needs k samples per problem (1 <= k <= n); raise --n to {max(ks)} or drop the larger k")
+    args.overrides, ckpt = _split_checkpoint(list(args.overrides))
     cfg = _load(args)
-    benchmarks = _benchmarks(args, cfg)
+    benchmarks = load_benchmarks(args.benchmark or [], cfg.data.train, cfg.data.eval, args.limit if args.limit is not None else cfg.data.eval_limit)
+    spec = SamplingSpec(
+        n=args.n, temperature=args.temperature if args.temperature is not None else cfg.generation.temperature,
+        top_p=cfg.generation.top_p, with_hints=args.with_hints, seed=cfg.run.seed,
+    )
+    builtin = _builtin_weights(cfg.backend.model) if cfg.backend.model.startswith("builtin:") else None
+    source = model_source(cfg.backend.model, ckpt, builtin, spec.temperature, spec.top_p, cfg.generation.max_new_tokens, spec.seed)
+    out_dir = Path(args.out) if args.out else (Path(ckpt) / "eval" if ckpt else cfg.run.run_dir / "eval")
+    if not args.fresh:  # refuse another model's samples before loading this one (prompts are checked later)
+        check_reuse(out_dir / SAMPLES_FILE, read_samples(out_dir / SAMPLES_FILE), source, {})
     apply_threads(args.threads, cfg.backend.device)
     backend = make_backend(cfg)
     if ckpt is not None:
         backend.load_weights(Path(ckpt))
-    out_dir = Path(args.out) if args.out else (Path(ckpt) / "eval" if ckpt else cfg.run.run_dir / "eval")
-    if args.reward:
-        reward_name = args.reward
-    elif cfg.data.reward != "auto":
-        reward_name = cfg.data.reward
-    elif args.benchmark:  # files: math answers; built-in tasks: exact
-        reward_name = "exact" if all(b.split("=")[-1].startswith("builtin:") for b in args.benchmark) else "math"
-    else:
-        reward_name = default_reward(cfg.data.train)
+    reward_name = args.reward or eval_reward(args.benchmark or [], cfg.data.reward, cfg.data.train)
     reward_fn = make_reward(reward_name, num_workers=cfg.data.reward_workers)
-    spec = SamplingSpec(
-        n=args.n,
-        temperature=args.temperature if args.temperature is not None else cfg.generation.temperature,
-        top_p=cfg.generation.top_p,
-        with_hints=args.with_hints,
-        seed=cfg.run.seed,
-    )
     try:
-        path = evaluate_benchmarks(backend, backend, benchmarks, reward_fn, spec, PromptSettings.from_config(cfg), out_dir, progress=not args.no_progress)
+        path = evaluate_benchmarks(
+            backend, backend, benchmarks, reward_fn, spec, PromptSettings.from_config(cfg), out_dir,
+            source=source, fresh=args.fresh, batch_size=args.batch_size, progress=not args.no_progress,
+        )
     finally:
         reward_fn.close()
-    names = {b.name for b in benchmarks}
     ids = {(b.name, r.id) for b in benchmarks for r in b.records}
-    rows = [r for r in read_samples(path) if r["benchmark"] in names and (r["benchmark"], str(r["id"])) in ids]
-    ks = sorted(set(args.k))
-    result = {"model": ckpt or cfg.backend.model, "samples": str(path), "n": spec.n, "temperature": spec.temperature, "unguided": summarize(rows, ks)}
-    table = markdown_table(result["unguided"], title="without hints")
-    if args.with_hints:
-        result["guided"] = summarize(rows, ks, guided=True)
-        table += "\n" + markdown_table(result["guided"], title="with hints")
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out_dir / "results.md").write_text(table, encoding="utf-8")
+    rows = [r for r in read_samples(path) if (r["benchmark"], str(r["id"])) in ids]
+    header = {
+        **source.fields(), "n": spec.n, "with_hints": spec.with_hints, "reward": reward_name, "samples": str(path),
+        "benchmarks": {b.name: {"source": b.source, "problems": len(b.records)} for b in benchmarks},
+    }
+    result, table = report(rows, ks, with_hints=args.with_hints, header=header)
+    paths = write_results(out_dir, result, table)
     print(table)
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {path}")
+    print(f"wrote {paths[0]}, {paths[1]}, {path}")
     return 0
 
 
@@ -255,11 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", action="append", metavar="[NAME=]FILE", help="a JSONL/Parquet file (id, problem, answer); repeatable. Default: the config's held-out set")
     p.add_argument("--n", type=int, default=4, help="samples per problem at --temperature, besides the greedy answer (default 4)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: generation.temperature)")
-    p.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k to report (k <= n), e.g. --k 1 4 8")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="pass@k to report (1 <= k <= n), e.g. --k 1 4 8 (default 1)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (default: data.eval_limit)")
     p.add_argument("--with-hints", action="store_true", help="also evaluate hinted prompts of records with a hint (Figure 2)")
     p.add_argument("--reward", choices=["math", "exact"], default=None, help="verifier (default: the config's data.reward)")
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval or runs/<name>/eval)")
+    p.add_argument("--fresh", action="store_true", help="start over: move samples.jsonl aside (samples.jsonl.old-<timestamp>) instead of resuming it")
+    p.add_argument("--batch-size", type=_at_least_one, default=64, help="prompts per generate call; each batch is written as soon as it is scored")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line to stderr every 10%% or 30 s")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_eval, parser=p)

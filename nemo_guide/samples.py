@@ -55,6 +55,40 @@ class SampleSource:
 SOURCE_FIELDS = tuple(SampleSource.__dataclass_fields__)
 
 
+def model_source(
+    backend_model: str, checkpoint: str | None, builtin_file: Path | None, temperature: float, top_p: float, max_new_tokens: int, seed: int
+) -> SampleSource:
+    """The :class:`SampleSource` of an evaluation; hashes the weights (once per evaluation).
+
+    Args:
+        backend_model: ``backend.model``: ``builtin:<name>``, a ``.safetensors`` file of the
+            tiny model, or a Hugging Face model directory (its ``*.safetensors``).
+        checkpoint: a checkpoint directory whose ``model.safetensors`` is evaluated instead.
+        builtin_file: the packaged weights of a ``builtin:`` model.
+
+    Raises:
+        RunError: no weights where ``backend.model`` or ``checkpoint`` points.
+    """
+    model = backend_model
+    if builtin_file is not None:
+        files = [builtin_file]
+    else:
+        model = str(Path(backend_model).resolve())
+        files = [Path(model)] if Path(model).is_file() else sorted(Path(model).glob("*.safetensors"))
+        if not files:
+            raise RunError(
+                f"backend.model = {backend_model!r}: no safetensors weights there; give a Hugging Face model directory "
+                "with *.safetensors, a .safetensors file of the tiny model, or builtin:tiny"
+            )
+    evaluated = model
+    if checkpoint is not None:
+        evaluated = str(Path(checkpoint).resolve())
+        files = [Path(evaluated) / "model.safetensors"]
+        if not files[0].is_file():
+            raise RunError(f"checkpoint={checkpoint}: no model.safetensors in it; give a checkpoint directory, e.g. runs/<name>/checkpoints/step_000120")
+    return SampleSource(evaluated, model, weights_sha256(files), temperature, top_p, max_new_tokens, seed)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
@@ -68,7 +102,7 @@ def weights_sha256(files: Iterable[Path]) -> str:
     ``name hash`` lines in name order. Reads every byte: call it once per evaluation."""
     files = sorted(Path(f) for f in files)
     if not files:
-        raise RunError("no weights file to identify the model by")
+        raise ValueError("weights_sha256 needs at least one file")
     if len(files) == 1:
         return file_sha256(files[0])
     return hashlib.sha256("".join(f"{f.name} {file_sha256(f)}\n" for f in files).encode()).hexdigest()

@@ -198,3 +198,13 @@ def test_a_config_not_in_utf8_names_the_line(tmp_path):
     path.write_bytes(b"run:\n  name: caf\xe9\n")
     with pytest.raises(ConfigError, match=f"{path}:2: not valid UTF-8 \\(byte 0xe9\\)"):
         load_config(path)
+
+
+def test_an_override_value_that_is_not_yaml_names_the_override_and_the_quoting(tmp_path):
+    path = _yaml(tmp_path, "run:\n  steps: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.hint_template=Hint: {hint} Problem: {problem}"])
+    assert "(command line data.hint_template=Hint: {hint} Problem: {problem}) the value is not valid YAML" in str(info.value)
+    assert "e.g. \"data.hint_template='Hint: {hint} Problem: {problem}'\"" in str(info.value)
+    cfg = load_config(path, ["data.hint_template='Hint: {hint} Problem: {problem}'"])
+    assert cfg.data.hint_template == "Hint: {hint} Problem: {problem}"

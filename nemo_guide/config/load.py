@@ -39,6 +39,17 @@ def _yaml_lines(path: Path) -> dict[str, int]:
     return lines
 
 
+def _yaml_problem(value: str) -> str | None:
+    """Why an override's value does not parse as YAML (as OmegaConf reads it), or None."""
+    import yaml
+
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        return str(exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else exc).splitlines()[0]
+    return None
+
+
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Check ``value`` against a field annotation; ints widen to floats, lists to tuples."""
     origin = get_origin(annotation)
@@ -184,6 +195,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if bad:
         raise ConfigError([f"override {o!r} is not key=value (e.g. algorithm.group_size=4)" for o in bad], source)
     overridden = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    unparsed = [o for o in overrides if _yaml_problem(o.split("=", 1)[1]) is not None]
+    if unparsed:
+        raise ConfigError(
+            [f"(command line {o}) the value is not valid YAML ({_yaml_problem(o.split('=', 1)[1])}); quote it inside the argument, "
+             f"e.g. \"{o.split('=', 1)[0]}='{o.split('=', 1)[1]}'\"" for o in unparsed],
+            source,
+        )
     try:
         merged = OmegaConf.merge(conf, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         data = OmegaConf.to_container(merged, resolve=True)
