@@ -201,6 +201,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     from nemo_guide.backends.torch.warmstart import ASSET, build_warmstart
 
+    from nemo_guide.errors import RunError
+
+    if (args.out is None) == (not args.overwrite_asset):
+        raise RunError(
+            f"warmstart writes to --out FILE.safetensors (e.g. --out runs/warmstart.safetensors); --overwrite-asset replaces the packaged "
+            f"builtin:tiny policy {ASSET} instead. Give exactly one of them"
+        )
     apply_threads(args.threads, "cpu")  # the warm start trains on CPU
     build_warmstart(args.out or ASSET, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     return 0
@@ -299,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert, parser=p)
 
     p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
-    p.add_argument("--out", default=None, help="output .safetensors (default: the packaged builtin:tiny asset)")
+    p.add_argument("--out", default=None, help="output .safetensors (required unless --overwrite-asset)")
+    p.add_argument("--overwrite-asset", action="store_true", help="replace the packaged builtin:tiny asset (nemo_guide/assets/) instead of --out")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)

@@ -160,3 +160,22 @@ def test_eval_logs_the_thread_count_once(tmp_path, monkeypatch, capsys, keep_thr
     args = ["eval", str(TINY_CONF), *SMALL, "backend.device=cpu", "--limit", "2", "--n", "1", "--out", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     assert capsys.readouterr().err.count("torch threads: 1 (--threads auto: the policy runs on CPU)") == 1
+
+
+# -- warmstart never overwrites the packaged asset by default ---------------------------------------
+
+
+def test_warmstart_needs_out_or_overwrite_asset(tmp_path, monkeypatch, capsys, keep_threads):
+    import nemo_guide.backends.torch.warmstart as warmstart
+
+    calls = []
+    monkeypatch.setattr(warmstart, "build_warmstart", lambda out, **kwargs: calls.append(Path(out)))
+    before = warmstart.ASSET.stat().st_mtime_ns
+    assert main(["warmstart"]) == 2
+    err = capsys.readouterr().err
+    assert "warmstart writes to --out FILE.safetensors" in err and "--overwrite-asset" in err
+    assert main(["warmstart", "--out", str(tmp_path / "w.safetensors"), "--overwrite-asset"]) == 2
+    assert calls == [] and warmstart.ASSET.stat().st_mtime_ns == before
+    assert main(["warmstart", "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert main(["warmstart", "--overwrite-asset"]) == 0
+    assert calls == [tmp_path / "w.safetensors", warmstart.ASSET]
