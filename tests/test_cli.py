@@ -179,3 +179,46 @@ def test_warmstart_needs_out_or_overwrite_asset(tmp_path, monkeypatch, capsys, k
     assert main(["warmstart", "--out", str(tmp_path / "w.safetensors")]) == 0
     assert main(["warmstart", "--overwrite-asset"]) == 0
     assert calls == [tmp_path / "w.safetensors", warmstart.ASSET]
+
+
+# -- a data file that is not UTF-8: file and line, from every command that reads one ------------------
+
+
+def _latin1_records(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        b'{"id": "1", "problem": "1+1=", "answer": "2", "hint": "add", "solution": "2"}\n'
+        b'{"id": "2", "problem": "caf\xe9 2+2=", "answer": "4", "hint": "add", "solution": "4"}\n'
+    )
+    return path
+
+
+def test_train_names_file_and_line_of_a_non_utf8_dataset(tmp_path, capsys, keep_threads):
+    from conftest import SMALL, TINY_CONF
+
+    data = _latin1_records(tmp_path)
+    argv = ["train", str(TINY_CONF), *SMALL, f"data.train={data}", f"run.output_dir={tmp_path / 'runs'}", "run.steps=1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: not valid UTF-8 (byte 0xe9 at byte 28 of the line); save the file as UTF-8" in err
+    assert "Traceback" not in err
+
+
+def test_eval_names_file_and_line_of_a_non_utf8_benchmark(tmp_path, capsys, keep_threads):
+    from conftest import TINY_CONF
+
+    data = _latin1_records(tmp_path)
+    assert main(["eval", str(TINY_CONF), "--benchmark", f"mine={data}", "--out", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert f"{data}:2: not valid UTF-8 (byte 0xe9" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_data_prepare_drops_a_non_utf8_line_by_file_and_line(tmp_path, capsys):
+    data = _latin1_records(tmp_path)
+    out = tmp_path / "records.jsonl"
+    assert main(["data", "prepare", str(data), str(out), "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kept"] == 1 and summary["dropped_by_reason"] == {"not a JSON object": 1}
+    assert summary["examples"]["not a JSON object"] == [f"{data}:2"]
+    dropped = json.loads((tmp_path / "records.jsonl.dropped.jsonl").read_text())
+    assert dropped["where"] == f"{data}:2" and dropped["detail"].startswith("not valid UTF-8 (byte 0xe9")
