@@ -179,12 +179,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_hints(args: argparse.Namespace) -> int:
+    from nemo_guide.errors import RunError
     from nemo_guide.hintgen import HintClientConfig, run_hints
 
-    cfg = HintClientConfig(
-        base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
-        max_retries=args.max_retries, timeout_s=args.timeout, temperature=args.temperature, on_leak=args.on_leak,
-    )
+    try:
+        cfg = HintClientConfig(
+            base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+            max_retries=args.max_retries, timeout_s=args.timeout, temperature=args.temperature, on_leak=args.on_leak,
+        )
+    except ValueError as exc:  # its __post_init__ checks exactly these flags
+        raise RunError(f"hints: {exc}") from exc
     counts = run_hints(Path(args.input), Path(args.output), cfg, progress=not args.no_progress)
     print(json.dumps(counts, indent=2))
     return 1 if counts["failed"] else 0

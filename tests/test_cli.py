@@ -222,3 +222,14 @@ def test_data_prepare_drops_a_non_utf8_line_by_file_and_line(tmp_path, capsys):
     assert summary["examples"]["not a JSON object"] == [f"{data}:2"]
     dropped = json.loads((tmp_path / "records.jsonl.dropped.jsonl").read_text())
     assert dropped["where"] == f"{data}:2" and dropped["detail"].startswith("not valid UTF-8 (byte 0xe9")
+
+
+def test_bad_hint_flags_and_a_damaged_parquet_file_are_one_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "1", "problem": "p", "answer": "1", "solution": "s"}\n')
+    assert main(["hints", str(src), str(tmp_path / "out.jsonl"), "--base-url", "localhost:8000", "--model", "m"]) == 2
+    assert "base_url = 'localhost:8000': must start with http:// or https://" in capsys.readouterr().err
+    bad = tmp_path / "rows.parquet"
+    bad.write_bytes(b"not parquet at all")
+    assert main(["data", "prepare", str(bad), str(tmp_path / "r.jsonl"), "--workers", "1"]) == 2
+    assert f"{bad}: cannot be read as Parquet" in capsys.readouterr().err
