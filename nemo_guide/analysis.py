@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemo_guide.core.metrics import absolute_k, decompose_progress, decompose_progress_expected, pass_at_k, pass_at_k_curve
-from nemo_guide.evaluation import ProblemStats, problem_stats, read_samples
+from nemo_guide.data.errors import DataError
+from nemo_guide.errors import RunError
+from nemo_guide.eval_report import ProblemStats, problem_stats
+from nemo_guide.samples import read_sample_file
 
 
-def _unguided(path: Path) -> dict[tuple[str, str], ProblemStats]:
-    return {(k[0], k[1]): v for k, v in problem_stats(read_samples(path)).items() if not k[2]}
-
-
-def _guided(path: Path) -> dict[tuple[str, str], ProblemStats]:
-    return {(k[0], k[1]): v for k, v in problem_stats(read_samples(path)).items() if k[2]}
+def _split(path: Path) -> tuple[dict[tuple[str, str], ProblemStats], dict[tuple[str, str], ProblemStats]]:
+    """``(unguided, guided)`` problems of a samples file, keyed by ``(benchmark, id)``."""
+    stats = problem_stats(read_sample_file(path))
+    return {(k[0], k[1]): v for k, v in stats.items() if not k[2]}, {(k[0], k[1]): v for k, v in stats.items() if k[2]}
 
 
 def bootstrap_curve(ns: Sequence[int], cs: Sequence[int], max_k: int, *, rounds: int = 1000, seed: int = 0) -> tuple[list[float], list[float]]:
@@ -49,17 +50,23 @@ def bootstrap_curve(ns: Sequence[int], cs: Sequence[int], max_k: int, *, rounds:
 
 
 def analyze(before: Path, after: Path, *, k: int = 8, epsilon: float = 0.01, rounds: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The decomposition and the curves' data (see module docstring)."""
-    init, final = _unguided(before), _unguided(after)
+    """The decomposition and the curves' data (see module docstring).
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        DataError: a file is not a samples file, the two share no problem, or answers are missing.
+        RunError: ``k`` is larger than the initial policy's samples per problem.
+    """
+    (init, guided), (final, _) = _split(before), _split(after)
     shared = sorted(set(init) & set(final))
     if not shared:
-        raise ValueError(f"{before} and {after} have no (benchmark, id) in common; evaluate both policies on the same problems")
+        raise DataError(f"{before} and {after} have no (benchmark, id) in common; evaluate both policies on the same problems")
     missing_greedy = [key for key in shared if init[key].greedy is None or final[key].greedy is None]
     if missing_greedy:
-        raise ValueError(f"{len(missing_greedy)} problem(s) lack a greedy answer (sample -1), e.g. {missing_greedy[0]}; rerun `nemo-guide eval`")
+        raise DataError(f"{len(missing_greedy)} problem(s) lack a greedy answer (sample -1), e.g. {missing_greedy[0]}; rerun `nemo-guide eval`")
     n_min = min(init[key].n for key in shared)
     if n_min < k:
-        raise ValueError(f"k = {k} but the initial policy has only {n_min} samples for some problem; evaluate it with --n >= {k} or pass a smaller --k")
+        raise RunError(f"k = {k} but the initial policy has only {n_min} samples for some problem; evaluate it with --n >= {k} or pass a smaller --k")
     init_pass1 = [bool(init[key].greedy) for key in shared]
     final_pass1 = [bool(final[key].greedy) for key in shared]
     ns = [init[key].n for key in shared]
@@ -88,7 +95,6 @@ def analyze(before: Path, after: Path, *, k: int = 8, epsilon: float = 0.01, rou
         "pass_at_k_before": curve,
     }
     # Figure 2: on the problems that progressed, guided vs unguided pass@k of the initial policy.
-    guided = _guided(before)
     passk = [any(init[key].first[:k]) for key in shared]
     progressed = [key for key, a, f in zip(shared, init_pass1, final_pass1, strict=True) if not a and f]
     subsets = {
@@ -158,7 +164,10 @@ def plot_curves(result: dict[str, Any], out: Path) -> Path:
         ax.set_ylabel("pass@k")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
+        else:  # an empty subset: say so instead of an empty legend
+            ax.text(0.5, 0.5, "no samples in this subset", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

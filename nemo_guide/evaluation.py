@@ -1,4 +1,4 @@
-"""Evaluation: held-out pass@1 during training, and benchmark pass@1 / pass@k with confidence intervals.
+"""Evaluation: held-out pass@1 during training, and benchmark samples for ``nemo-guide eval``.
 
 One path: :func:`answer_batch` answers and verifies a batch of prepared prompts
 (:mod:`nemo_guide.prompts`: one templating, one overflow rule) for both callers,
@@ -8,37 +8,74 @@ One path: :func:`answer_batch` answers and verifies a batch of prepared prompts
 :func:`evaluate_benchmarks` generates, for every problem of every benchmark, one greedy
 answer and ``n`` samples at a temperature (and the same with the hint when
 ``with_hints``), scores them with the verifier and appends every sample to
-``samples.jsonl`` (``benchmark``, ``id``, ``sample`` (-1 = greedy), ``guided``, ``text``,
-``correct``). A rerun skips problems whose samples are all there, so a killed evaluation
-resumes. :func:`summarize` turns the samples into per-benchmark pass@1 (greedy, and the
-mean over samples) and unbiased pass@k, each with a 95% confidence interval over problems,
-plus macro (mean of benchmarks) and micro (all problems pooled) averages;
-:func:`markdown_table` lays them out like the paper's Table 1.
+``samples.jsonl`` (:mod:`nemo_guide.samples`: the fields, and what produced each row) as
+soon as its batch is scored. A rerun generates only the missing samples, so a killed
+evaluation resumes, and reuses a sample only when the model, its weights, the prompt and
+the generation settings are the same. :mod:`nemo_guide.eval_report` summarises the samples.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Callable, Sequence
 
 from nemo_guide.backends.base import Generator, PromptTokenizer
-from nemo_guide.core.metrics import pass_at_k
-from nemo_guide.data.jsonl import prepare_append, read_jsonl
+from nemo_guide.data import digit_ops
+from nemo_guide.data.jsonl import prepare_append
 from nemo_guide.data.records import Record
+from nemo_guide.data.sources import BUILTIN_PREFIX, default_reward, load_split, resolve_eval
+from nemo_guide.errors import RunError
 from nemo_guide.prompts import Prompt, PromptSet, PromptSettings, encode_prompts
 from nemo_guide.rewards import RewardFn, is_correct
+from nemo_guide.samples import PROMPT_FIELD, SAMPLES_FILE, SampleSource, check_reuse, move_aside, prompt_sha256, read_samples
 
-SAMPLES_FILE = "samples.jsonl"
-Z95 = 1.959964
+Log = Callable[[str], None]
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
 class Benchmark:
     name: str
     records: list[Record]
+    source: str = ""
+    """Where the records come from: a file path, or ``builtin:<task>``."""
+
+
+def load_benchmarks(specs: Sequence[str], train: str, eval_spec: str | None, limit: int | None) -> list[Benchmark]:
+    """``--benchmark [NAME=]FILE`` items (a file or ``builtin:<task>``), or else the held-out
+    set of the config (``data.eval``, or a built-in task's eval split); the first ``limit``
+    problems of each."""
+    out = []
+    for item in specs:
+        name, _, path = item.rpartition("=")
+        if path.startswith(BUILTIN_PREFIX) and path[len(BUILTIN_PREFIX):] not in digit_ops.TASKS:
+            raise RunError(f"--benchmark {item}: unknown built-in task; choose one of {', '.join(BUILTIN_PREFIX + t for t in digit_ops.TASKS)}")
+        out.append(Benchmark(name or Path(path).stem, load_split(path, "eval"), path))
+    if not out:
+        source = resolve_eval(train, eval_spec)
+        if source is None:
+            raise RunError("nothing to evaluate: pass --benchmark NAME=FILE.jsonl, or set data.eval in the config")
+        name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else Path(source).stem
+        out.append(Benchmark(name, load_split(source, "eval"), source))
+    return [Benchmark(b.name, b.records[:limit], b.source) for b in out]
+
+
+def eval_reward(specs: Sequence[str], configured: str, train: str) -> str:
+    """The verifier: ``data.reward`` unless ``auto``; then, with ``--benchmark`` items,
+    ``exact`` when all are built-in tasks (answers after ``A:``) and ``math`` otherwise;
+    without, the training data's default."""
+    if configured != "auto":
+        return configured
+    if specs:
+        return "exact" if all(item.rpartition("=")[2].startswith(BUILTIN_PREFIX) for item in specs) else "math"
+    return default_reward(train)
 
 
 @dataclass(frozen=True)
@@ -52,19 +89,53 @@ class SamplingSpec:
     seed: int = 0
 
 
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The rows of a samples file (none if it does not exist).
+class Progress:
+    """A tqdm bar (``bar=True``), or a log line every 10% of ``total`` or ``every_s`` seconds."""
 
-    A torn final line (an evaluation killed mid-write) is left out: that sample counts as
-    not generated, and the next ``evaluate_benchmarks`` cuts it off and generates it again.
+    def __init__(self, total: int, *, bar: bool, log: Log = log_stderr, every_s: float = 30.0, unit: str = "samples") -> None:
+        self.total, self.done, self.unit, self.log, self.every_s = total, 0, unit, log, every_s
+        self.start = self.last = time.monotonic()
+        self.next_percent = 10
+        self.bar = None
+        if bar and total:
+            from tqdm.auto import tqdm
 
-    Raises:
-        JsonlError: a bad line before the last one, named by file:line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return read_jsonl(path, append_only=True).objects()
+            self.bar = tqdm(total=total, desc="eval", unit=unit.rstrip("s"), dynamic_ncols=True)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+            return
+        now = time.monotonic()
+        percent = 100 * self.done // max(1, self.total)
+        if percent >= self.next_percent or now - self.last >= self.every_s:
+            elapsed = now - self.start
+            left = elapsed / max(1, self.done) * (self.total - self.done)
+            self.log(f"eval: {self.done}/{self.total} {self.unit} ({percent}%), {elapsed:.0f} s, about {left:.0f} s left")
+            self.last, self.next_percent = now, percent // 10 * 10 + 10
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+Job = tuple[Benchmark, Record, bool, int, Prompt, str]
+"""``(benchmark, record, guided, sample, prompt, prompt_sha256)``; sample -1 is the greedy answer."""
+
+
+def _jobs(benchmarks: Sequence[Benchmark], tokenizer: PromptTokenizer, settings: PromptSettings, spec: SamplingSpec) -> list[Job]:
+    """Every sample of the evaluation, greedy answers first, then problem by problem."""
+    greedy: list[Job] = []
+    sampled: list[Job] = []
+    for bench in benchmarks:
+        prompts = encode_prompts(bench.records, tokenizer, settings, hinted=spec.with_hints, source=bench.source or bench.name)
+        for record, plain, hinted in zip(prompts.records, prompts.plain, prompts.hinted, strict=True):
+            for guided, prompt in ((False, plain), (True, hinted)) if hinted is not None else ((False, plain),):
+                digest = prompt_sha256(prompt.text)
+                greedy.append((bench, record, guided, -1, prompt, digest))
+                sampled += [(bench, record, guided, s, prompt, digest) for s in range(spec.n)]
+    return greedy + sampled
 
 
 def evaluate_benchmarks(
@@ -76,53 +147,63 @@ def evaluate_benchmarks(
     settings: PromptSettings,
     out_dir: Path,
     *,
+    source: SampleSource,
+    fresh: bool = False,
     batch_size: int = 64,
     progress: bool = True,
+    log: Log = log_stderr,
 ) -> Path:
     """Generate and score every missing sample; returns the samples file.
 
     Prompts are prepared by :func:`nemo_guide.prompts.encode_prompts` with ``settings``
     (whose ``max_new_tokens`` is the answer budget); a prompt that cannot be run is
-    written as an incorrect sample with its reason in ``error``.
+    written as an incorrect sample with its reason in ``error``. Samples go in batches of
+    ``batch_size`` of one temperature (one ``generate`` call each, seeded by the run seed
+    and the batch's place in the full list); each batch is scored, appended and flushed
+    before the next starts, so a kill loses at most the batch in flight.
+
+    Args:
+        source: what produces the samples; every row records it, and rows already in the
+            file are reused only when theirs is the same (:func:`nemo_guide.samples.check_reuse`).
+        fresh: move an existing samples file aside (``samples.jsonl.old-<timestamp>``) first.
+        progress: a progress bar; without it a log line every 10% or 30 s (``log``).
+
+    Raises:
+        RunError: the file holds samples of another model, prompt or setting.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SAMPLES_FILE
-    have: dict[tuple[str, str, bool], set[int]] = {}
-    for row in read_samples(path):
-        have.setdefault((row["benchmark"], row["id"], row["guided"]), set()).add(row["sample"])
-    wanted = set(range(-1, spec.n))
-    jobs: list[tuple[str, Record, bool, int, Prompt]] = []  # (benchmark, record, guided, sample, prompt)
-    for bench in benchmarks:
-        prompts = encode_prompts(bench.records, tokenizer, settings, hinted=spec.with_hints)
-        for record, plain, hinted in zip(prompts.records, prompts.plain, prompts.hinted, strict=True):
-            for guided, prompt in ((False, plain), (True, hinted)) if hinted is not None else ((False, plain),):
-                done = have.get((bench.name, record.id, guided), set())
-                jobs += [(bench.name, record, guided, s, prompt) for s in sorted(wanted - done)]
-    bar = None
-    if progress and jobs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="eval", unit="sample", dynamic_ncols=True)
+    if fresh and (old := move_aside(path)) is not None:
+        log(f"eval: --fresh: the previous samples are kept as {old}")
+    jobs = _jobs(benchmarks, tokenizer, settings, spec)
+    rows = read_samples(path)
+    check_reuse(path, rows, source, {(b.name, r.id, guided): digest for b, r, guided, _, _, digest in jobs})
+    have = {(row["benchmark"], str(row["id"]), bool(row["guided"]), int(row["sample"])) for row in rows}
+    batches = [(start, [j for j in jobs[start : start + batch_size] if (j[0].name, j[1].id, j[2], j[3]) not in have]) for start in range(0, len(jobs), batch_size)]
+    todo = sum(len(batch) for _, batch in batches)
+    if not progress:
+        log(f"eval: {todo} of {len(jobs)} samples to generate into {path}" + (f" ({len(jobs) - todo} already there)" if todo < len(jobs) else ""))
+    bar = Progress(todo, bar=progress, log=log)
+    fields = source.fields()
     prepare_append(path)  # cut a torn final line (a kill mid-write), so appended rows start on a fresh line
     with path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
+        for start, batch in batches:
+            if not batch:
+                continue
             texts, correct = answer_batch(
-                generator, tokenizer, reward_fn, [job[4] for job in chunk], [job[1].answer for job in chunk],
-                [0.0 if job[3] == -1 else spec.temperature for job in chunk],
+                generator, tokenizer, reward_fn, [job[4] for job in batch], [job[1].answer for job in batch],
+                [0.0 if job[3] == -1 else spec.temperature for job in batch],
                 top_p=spec.top_p, max_new_tokens=settings.max_new_tokens, seed=spec.seed * 1_000_003 + start,
             )
-            for (bench, record, guided, sample, prompt), text, ok in zip(chunk, texts, correct, strict=True):
-                row = {"benchmark": bench, "id": record.id, "sample": sample, "guided": guided, "text": text, "correct": ok}
+            for (bench, record, guided, sample, prompt, digest), text, ok in zip(batch, texts, correct, strict=True):
+                row = {"benchmark": bench.name, "id": record.id, "sample": sample, "guided": guided, "text": text, "correct": ok}
                 if prompt.problem is not None:
                     row["error"] = f"the prompt {prompt.problem}"
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({**row, **fields, PROMPT_FIELD: digest}) + "\n")
             f.flush()
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.update(len(batch))
+    bar.close()
     return path
 
 
@@ -198,98 +279,3 @@ def heldout_pass1(
     for kind, values in sorted(kinds.items()):
         out[f"eval/pass1_{kind}"] = sum(values) / len(values)
     return out
-
-
-# -- summaries -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProblemStats:
-    """One problem's samples: greedy correctness, ``n`` samples of which ``c`` correct."""
-
-    benchmark: str
-    id: str
-    guided: bool
-    greedy: bool | None
-    n: int
-    c: int
-    first: tuple[bool, ...]
-    """Sample correctness in sample order."""
-    unscorable: bool = False
-    """The policy could not take the prompt (see the samples' ``error``); scored incorrect."""
-
-
-def problem_stats(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, bool], ProblemStats]:
-    grouped: dict[tuple[str, str, bool], dict[int, bool]] = {}
-    failed: set[tuple[str, str, bool]] = set()
-    for row in rows:
-        key = (row["benchmark"], str(row["id"]), bool(row["guided"]))
-        grouped.setdefault(key, {})[int(row["sample"])] = bool(row["correct"])
-        if row.get("error"):
-            failed.add(key)
-    out = {}
-    for key, samples in grouped.items():
-        ordered = tuple(samples[i] for i in sorted(s for s in samples if s >= 0))
-        out[key] = ProblemStats(key[0], key[1], key[2], samples.get(-1), len(ordered), sum(ordered), ordered, key in failed)
-    return out
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """``(mean, half-width of the normal 95% interval over the values)``; 0 width for one value."""
-    if not values:
-        return float("nan"), float("nan")
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-    return m, Z95 * math.sqrt(var / len(values))
-
-
-def _metrics(problems: Sequence[ProblemStats], ks: Sequence[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {"problems": len(problems), "unscorable": sum(p.unscorable for p in problems)}
-    greedy = [float(p.greedy) for p in problems if p.greedy is not None]
-    if greedy:
-        out["pass1_greedy"], out["pass1_greedy_ci95"] = mean_ci(greedy)
-    sampled = [p for p in problems if p.n > 0]
-    if sampled:
-        out["pass1_mean"], out["pass1_mean_ci95"] = mean_ci([p.c / p.n for p in sampled])
-        for k in ks:
-            if k <= min(p.n for p in sampled):
-                out[f"pass{k}"], out[f"pass{k}_ci95"] = mean_ci([pass_at_k(p.n, p.c, k) for p in sampled])
-    return out
-
-
-def summarize(rows: Iterable[dict[str, Any]], ks: Sequence[int] = (1,), *, guided: bool = False) -> dict[str, Any]:
-    """Per-benchmark, macro and micro metrics of the unguided (or guided) samples."""
-    stats = [p for p in problem_stats(rows).values() if p.guided == guided]
-    names = sorted({p.benchmark for p in stats})
-    per = {name: _metrics([p for p in stats if p.benchmark == name], ks) for name in names}
-    macro: dict[str, Any] = {}
-    for key in sorted({k for m in per.values() for k in m if not k.endswith("_ci95") and k not in ("problems", "unscorable")}):
-        values = [m[key] for m in per.values() if key in m]
-        if len(values) == len(per):
-            macro[key] = sum(values) / len(values)
-    return {"benchmarks": per, "macro": macro, "micro": _metrics(stats, ks), "guided": guided}
-
-
-def markdown_table(summary: dict[str, Any], title: str = "model") -> str:
-    """Rows: metrics; columns: benchmarks, macro and micro average (percent, +- 95% CI)."""
-    per = summary["benchmarks"]
-    names = list(per)
-    metrics = [k for k in ("pass1_greedy", "pass1_mean") if any(k in m for m in per.values())]
-    # pass@1 (unbiased) equals the mean over samples, which has its own row.
-    metrics += sorted({k for m in per.values() for k in m if k.startswith("pass") and k[4:].isdigit() and k != "pass1"}, key=lambda k: int(k[4:]))
-    label = {"pass1_greedy": "pass@1 (greedy)", "pass1_mean": "pass@1 (mean of samples)"}
-    head = f"| {title} | " + " | ".join(names) + " | macro avg | micro avg |"
-    lines = [head, "|" + "---|" * (len(names) + 3)]
-    for metric in metrics:
-        cells = []
-        for m in [per[n] for n in names] + [summary["micro"]]:
-            cells.append(f"{100 * m[metric]:.1f} ± {100 * m[metric + '_ci95']:.1f}" if metric in m else "-")
-        macro = summary["macro"].get(metric)
-        cells.insert(len(names), f"{100 * macro:.1f}" if macro is not None else "-")
-        lines.append(f"| {label.get(metric, 'pass@' + metric[4:])} | " + " | ".join(cells) + " |")
-    lines.append("")
-    counts = ", ".join(f"{n} {per[n]['problems']}" + (f" ({per[n]['unscorable']} the policy could not take, scored 0)" if per[n]["unscorable"] else "") for n in names)
-    lines.append(f"Problems: {counts}. ± is the 95% interval over problems.")
-    return "\n".join(lines) + "\n"

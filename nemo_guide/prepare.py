@@ -35,7 +35,11 @@ def _rows(path: Path) -> Iterable[tuple[str, dict[str, Any] | BadLine]]:
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow's errors for a file that is not Parquet, or is damaged
+            raise DataError(f"{path}: cannot be read as Parquet ({exc})") from exc
+        for i, row in enumerate(table.to_pylist()):
             yield f"{path}: row {i}", row
     else:
         raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .parquet")

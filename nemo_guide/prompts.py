@@ -87,20 +87,40 @@ def encode_prompt(text: str, tokenizer: PromptTokenizer, settings: PromptSetting
     return Prompt(text, ids, prompt_problem(len(ids), settings, tokenizer.max_length))
 
 
-def encode_prompts(records: Sequence[Record], tokenizer: PromptTokenizer, settings: PromptSettings, *, hinted: bool = True) -> PromptSet:
-    """Template and tokenise every record's plain prompt (and hinted prompt when ``hinted``)."""
+def encode_prompts(
+    records: Sequence[Record], tokenizer: PromptTokenizer, settings: PromptSettings, *, hinted: bool = True, source: str | None = None
+) -> PromptSet:
+    """Template and tokenise every record's plain prompt (and hinted prompt when ``hinted``).
+
+    A prompt the tokenizer cannot encode is kept with its :attr:`Prompt.problem`. An error
+    while building a prompt names the record's id and ``source`` (the dataset file or task):
+
+    Raises:
+        RunError: the template cannot be applied (a ``ValueError`` of the template or of the
+            tokenizer's chat template, e.g. ``data.prompt_style=chat`` without one).
+        Exception: anything else keeps its type and traceback, with the record in a note.
+    """
     plain: list[Prompt] = []
     hints: list[Prompt | None] = []
+    of = f" of {source}" if source else ""
     for r in records:
-        text = build_prompt(r.problem, settings.style, tokenizer=tokenizer.chat_tokenizer, system_prompt=settings.system_prompt)
-        plain.append(encode_prompt(text, tokenizer, settings))
-        h = None
-        if hinted and r.hint is not None:
-            h_text = build_prompt(
-                r.problem, settings.style, hint=r.hint, hint_template=settings.hint_template,
-                tokenizer=tokenizer.chat_tokenizer, system_prompt=settings.system_prompt,
-            )
-            h = encode_prompt(h_text, tokenizer, settings)
+        kind = "prompt"
+        try:
+            text = build_prompt(r.problem, settings.style, tokenizer=tokenizer.chat_tokenizer, system_prompt=settings.system_prompt)
+            plain.append(encode_prompt(text, tokenizer, settings))
+            h = None
+            if hinted and r.hint is not None:
+                kind = "hinted prompt"
+                h_text = build_prompt(
+                    r.problem, settings.style, hint=r.hint, hint_template=settings.hint_template,
+                    tokenizer=tokenizer.chat_tokenizer, system_prompt=settings.system_prompt,
+                )
+                h = encode_prompt(h_text, tokenizer, settings)
+        except ValueError as exc:  # STYLE point 10: what a user can cause is a ValueError
+            raise RunError(f"record {r.id!r}{of}: cannot build its {kind}: {exc}") from exc
+        except Exception as exc:
+            exc.add_note(f"while building the {kind} of record {r.id!r}{of}")
+            raise
         hints.append(h)
     return PromptSet(list(records), plain, hints)
 

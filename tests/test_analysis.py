@@ -1,11 +1,14 @@
 """nemo-guide analyze on a constructed fixture with hand-computed counts."""
 
 import json
+import warnings
 
 import pytest
 
-from nemo_guide.analysis import analyze, bootstrap_curve
+from nemo_guide.analysis import analyze, bootstrap_curve, plot_curves
 from nemo_guide.cli import main
+from nemo_guide.data.errors import DataError
+from nemo_guide.errors import RunError
 
 
 def _write(path, problems):
@@ -66,11 +69,11 @@ def test_errors_name_the_fix(tmp_path):
     before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
     _write(before, BEFORE)
     _write(after, AFTER)
-    with pytest.raises(ValueError, match="--n >= 8"):
+    with pytest.raises(RunError, match="--n >= 8"):
         analyze(before, after, k=8)
     other = tmp_path / "other.jsonl"
     _write(other, {"zz": (T, [T], None)})
-    with pytest.raises(ValueError, match="no \\(benchmark, id\\) in common"):
+    with pytest.raises(DataError, match="no \\(benchmark, id\\) in common"):
         analyze(before, other, k=1)
 
 
@@ -90,3 +93,37 @@ def test_cli_analyze(tmp_path, capsys):
     assert "| effective (k = 2) | 3 | 1 (1.0) | 2 (2.0) | 1 | 2 |" in out
     assert (tmp_path / "out" / "pass_at_k.png").stat().st_size > 5000
     assert json.loads((tmp_path / "out" / "analysis.json").read_text())["effective"]["k"] == 2
+
+
+def test_cli_analyze_names_a_missing_file(tmp_path, capsys):
+    before = tmp_path / "before.jsonl"
+    _write(before, BEFORE)
+    missing = tmp_path / "nope" / "samples.jsonl"
+    assert main(["analyze", str(before), str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"samples file {missing} does not exist" in err and "in common" not in err
+
+
+def test_cli_analyze_refuses_a_records_file_with_file_and_line(tmp_path, capsys):
+    before = tmp_path / "before.jsonl"
+    _write(before, BEFORE)
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"id": "1", "problem": "1+1", "answer": "2"}\n\n{"id": "2", "problem": "2+2", "answer": "4"}\n')
+    assert main(["analyze", str(before), str(records), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: 'benchmark'" not in err
+    assert f"{records}:1: no 'benchmark', 'sample', 'guided', 'correct' field: not a samples file from `nemo-guide eval`" in err
+    assert f"{records}:3:" in err and "records file" in err
+
+
+def test_plot_of_an_empty_subset_does_not_warn(tmp_path):
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    _write(before, BEFORE)
+    _write(after, AFTER)
+    result = analyze(before, after, k=1, rounds=20)
+    # k = 1: no first sample of a progressed problem is right, so the distillation subset is empty
+    assert result["curves"]["distillation"] == {"problems": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        plot_curves(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 5000

@@ -167,3 +167,44 @@ def test_shipped_config_documents_every_key(path):
     assert len(keys) > 6
     undocumented = [f"{name} (line {line + 1})" for name, line in keys if line == 0 or not lines[line - 1].lstrip().startswith("#")]
     assert undocumented == []
+
+
+def test_unknown_section_from_an_override_is_reported_as_command_line(tmp_path):
+    path = _yaml(tmp_path, "run:\n  steps: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["foo.bar=1", "run.stepz=2"])
+    msg = str(info.value)
+    assert "(command line foo.bar=...) unknown section 'foo'" in msg
+    assert "(command line run.stepz=...) unknown key 'run.stepz'" in msg
+    assert f"{path}: unknown section" not in msg
+
+
+def test_a_directory_as_config_names_it_and_a_yaml_file(tmp_path):
+    (tmp_path / "b.yaml").write_text("run:\n  steps: 1\n")
+    (tmp_path / "a.yaml").write_text("run:\n  steps: 1\n")
+    with pytest.raises(IsADirectoryError) as info:
+        load_config(tmp_path)
+    msg = str(info.value)
+    assert "is a directory, not a YAML file" in msg and "does not exist" not in msg
+    assert f"e.g. {tmp_path / 'a.yaml'} (a.yaml, b.yaml)" in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IsADirectoryError, match="holds no .yaml file"):
+        load_config(empty)
+
+
+def test_a_config_not_in_utf8_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"{path}:2: not valid UTF-8 \\(byte 0xe9\\)"):
+        load_config(path)
+
+
+def test_an_override_value_that_is_not_yaml_names_the_override_and_the_quoting(tmp_path):
+    path = _yaml(tmp_path, "run:\n  steps: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.hint_template=Hint: {hint} Problem: {problem}"])
+    assert "(command line data.hint_template=Hint: {hint} Problem: {problem}) the value is not valid YAML" in str(info.value)
+    assert "e.g. \"data.hint_template='Hint: {hint} Problem: {problem}'\"" in str(info.value)
+    cfg = load_config(path, ["data.hint_template='Hint: {hint} Problem: {problem}'"])
+    assert cfg.data.hint_template == "Hint: {hint} Problem: {problem}"

@@ -39,6 +39,17 @@ def _yaml_lines(path: Path) -> dict[str, int]:
     return lines
 
 
+def _yaml_problem(value: str) -> str | None:
+    """Why an override's value does not parse as YAML (as OmegaConf reads it), or None."""
+    import yaml
+
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        return str(exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else exc).splitlines()[0]
+    return None
+
+
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Check ``value`` against a field annotation; ints widen to floats, lists to tuples."""
     origin = get_origin(annotation)
@@ -92,10 +103,15 @@ def _type_name(annotation: Any) -> str:
 
 
 def _where(dotted: str, lines: dict[str, int], source: str | None, overridden: set[str]) -> str:
+    """Where a key's value comes from: the override that set it, else its line in the file, else
+    an override below it (``foo.bar=1`` creates the unknown section ``foo`` on the command line)."""
     if dotted in overridden:
         return f"(command line {dotted}=...) "
     if source and dotted in lines:
         return f"{source}:{lines[dotted]}: "
+    below = sorted(o for o in overridden if o.startswith(dotted + "."))
+    if below:
+        return f"(command line {below[0]}=...) "
     return f"{source}: " if source else ""
 
 
@@ -151,15 +167,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory (the message names its YAML files).
         ConfigError: every problem found, each with its file and line or override.
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        pick = f"pick one of its YAML files, e.g. {path / found[0]} ({', '.join(found)})" if found else "it holds no .yaml file"
+        raise IsADirectoryError(f"config {path} is a directory, not a YAML file; {pick}")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     source = str(path)
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"{source}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"], source) from None
     try:
         conf = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError carries the line in its message
@@ -168,6 +195,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if bad:
         raise ConfigError([f"override {o!r} is not key=value (e.g. algorithm.group_size=4)" for o in bad], source)
     overridden = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    unparsed = [o for o in overrides if _yaml_problem(o.split("=", 1)[1]) is not None]
+    if unparsed:
+        raise ConfigError(
+            [f"(command line {o}) the value is not valid YAML ({_yaml_problem(o.split('=', 1)[1])}); quote it inside the argument, "
+             f"e.g. \"{o.split('=', 1)[0]}='{o.split('=', 1)[1]}'\"" for o in unparsed],
+            source,
+        )
     try:
         merged = OmegaConf.merge(conf, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         data = OmegaConf.to_container(merged, resolve=True)
