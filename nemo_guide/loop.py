@@ -196,12 +196,12 @@ def reward_name(cfg: Config) -> str:
 def load_prompts(cfg: Config, backend: PolicyBackend) -> tuple[PromptSet, PromptSet | None]:
     """The training prompts (every one usable, else :class:`RunError`) and the held-out ones, if any."""
     algo, settings = cfg.algorithm, PromptSettings.from_config(cfg)
-    train = encode_prompts(load_split(cfg.data.train, "train"), backend, settings, hinted=algo.guided)
+    train = encode_prompts(load_split(cfg.data.train, "train"), backend, settings, hinted=algo.guided, source=cfg.data.train)
     require_usable(train, cfg.data.train, need_hints=algo.guided, need_solutions=algo.mode == "sft")
     source = resolve_eval(cfg.data.train, cfg.data.eval)
     if source is None:
         return train, None
-    return train, encode_prompts(load_split(source, "eval")[: cfg.data.eval_limit], backend, settings, hinted=False)
+    return train, encode_prompts(load_split(source, "eval")[: cfg.data.eval_limit], backend, settings, hinted=False, source=source)
 
 
 def _start_or_resume(backend: PolicyBackend, ckpt: Path | None, log: Callable[[str], None]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from nemo_guide.backends.base import Generator, Policy, PromptTokenizer
 from nemo_guide.backends.torch.backend import TorchBackend
+from nemo_guide.errors import RunError
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, load_tiny, sampling_step, save_tiny, sequence_logits
 from nemo_guide.checkpoint import CorruptCheckpoint, step_dir, write_checkpoint
@@ -47,7 +48,7 @@ def test_padding_helpers():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[True] * 3, [False, False, True]]
     ids, mask = right_pad([[5], [6, 7]], pad_id=0, width=3)
     assert ids.tolist() == [[5, 0, 0], [6, 7, 0]] and mask.sum().item() == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="width"):
         right_pad([[1, 2, 3]], 0, width=2)
 
 
@@ -217,7 +218,7 @@ def test_save_load_roundtrip(random_tiny, tmp_path):
     # Weights from another model are refused with a clear message.
     wrong = tmp_path / "wrong.safetensors"
     save_tiny(wrong, TinyDecoder(TinyConfig(d_model=16, n_layer=1, n_head=2, d_ff=32)))
-    with pytest.raises(ValueError, match=r"ckpt/model.safetensors does not fit backend.model = .*wrong.safetensors.*size mismatch.*another model"):
+    with pytest.raises(RunError, match=r"ckpt/model.safetensors does not fit backend.model = .*wrong.safetensors.*size mismatch.*another model"):
         make_backend(wrong).load(tmp_path / "ckpt")
 
 

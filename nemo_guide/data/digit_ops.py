@@ -41,6 +41,7 @@ import random
 from dataclasses import dataclass
 
 from nemo_guide.data.records import Record
+from nemo_guide.data.errors import DataError
 
 NUM_DIGITS = 2
 """Digits per operand."""
@@ -170,7 +171,7 @@ def build_split(task: str, split: str, seed: int = 0) -> list[Record]:
     shuffle of each operator's pairs), so any prefix has the task's operator mix.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown built-in task {task!r}; choose one of {', '.join('builtin:' + t for t in TASKS)}")
+        raise DataError(f"unknown built-in task {task!r}; choose one of {', '.join('builtin:' + t for t in TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     spec = TASKS[task]

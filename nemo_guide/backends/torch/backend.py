@@ -32,6 +32,7 @@ from nemo_guide.checkpoint import corrupt, load_torch_file
 from nemo_guide.config import BackendConfig, OptimConfig
 from nemo_guide.kernels.logprobs import fused_logprobs
 from nemo_guide.tracking import reduce_metrics
+from nemo_guide.errors import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"backend.device = {name!r} but no CUDA device is visible; use backend.device=cpu or auto")
+        raise RunError(f"backend.device = {name!r} but no CUDA device is visible; use backend.device=cpu or auto")
     return device
 
 
@@ -219,9 +220,9 @@ class TorchBackend:
         except SafetensorError as exc:  # a bad header: cut short, or another kind of file
             raise corrupt(path, f"not a complete safetensors file: {exc}") from None
         except RuntimeError as exc:  # tensors of another shape
-            raise ValueError(f"{path} does not fit backend.model = {self.cfg.model!r} ({str(exc).splitlines()[-1].strip()}); was it written by another model?") from None
+            raise RunError(f"{path} does not fit backend.model = {self.cfg.model!r} ({str(exc).splitlines()[-1].strip()}); was it written by another model?") from None
         if unexpected or [m for m in missing if not self._tied(m)]:
-            raise ValueError(
+            raise RunError(
                 f"{path} does not fit backend.model = {self.cfg.model!r}: "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; was it written by another model?"
             )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny, sampling_step
+from nemo_guide.errors import RunError
 
 BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors"}
 
@@ -34,7 +35,7 @@ class TinyAdapter:
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_ids = (self.tokenizer.eos_token_id,)
         if model.cfg.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"{source}: vocab_size {model.cfg.vocab_size} does not match the character tokenizer's {self.tokenizer.vocab_size}")
+            raise RunError(f"{source}: vocab_size {model.cfg.vocab_size} does not match the character tokenizer's {self.tokenizer.vocab_size}")
 
     @property
     def max_length(self) -> int:
@@ -78,16 +79,16 @@ class HFAdapter:
         self.model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs).to(device)
         config = self.model.config
         if getattr(config, "final_logit_softcapping", None):
-            raise ValueError(f"{directory}: final_logit_softcapping is not supported by the fused log-prob path")
+            raise RunError(f"{directory}: final_logit_softcapping is not supported by the fused log-prob path")
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise ValueError(f"{directory}: an output layer with a bias is not supported by the fused log-prob path")
+            raise RunError(f"{directory}: an output layer with a bias is not supported by the fused log-prob path")
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
         self.eos_ids = tuple(sorted(e for e in eos if e is not None))
         if not self.eos_ids:
-            raise ValueError(f"{directory}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+            raise RunError(f"{directory}: the tokenizer has no eos_token; set one in tokenizer_config.json")
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
         self.max_length = int(getattr(config, "max_position_embeddings", 1 << 30))
@@ -125,7 +126,7 @@ def load_adapter(name: str, dtype: torch.dtype, device: torch.device):
     """``builtin:tiny``, a ``.safetensors`` file written by the tiny model, or an HF directory."""
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
+            raise RunError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
         path = Path(__file__).resolve().parents[2] / "assets" / BUILTIN_MODELS[name]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart` (see README)")

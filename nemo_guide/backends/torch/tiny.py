@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from nemo_guide.errors import RunError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -197,9 +198,9 @@ def load_tiny(path) -> tuple[TinyDecoder, dict[str, str]]:
         meta = dict(f.metadata() or {})
         state = {k: f.get_tensor(k) for k in f.keys()}
     if "tiny_config" not in meta:
-        raise ValueError(f"{path}: not a built-in tiny model file (no 'tiny_config' in its safetensors metadata)")
+        raise RunError(f"{path}: not a built-in tiny model file (no 'tiny_config' in its safetensors metadata)")
     model = TinyDecoder(TinyConfig.from_json(meta["tiny_config"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the tiny config: missing {missing}, unexpected {unexpected}")
+        raise RunError(f"{path}: weights do not match the tiny config: missing {missing}, unexpected {unexpected}")
     return model, meta
