@@ -237,7 +237,7 @@ def training_figure(rows: list[dict[str, Any]], title: str | None = None):
         ax.plot(xs, rolling_mean(ys, max(1, len(ys) // 20)), label=f"rolling mean ({max(1, len(ys) // 20)} steps)")
         ax.set_ylim(bottom=0, top=max(ys, default=1.0) * 1.1 or 1.0)
         ax.set_title(name)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")  # entropy falls towards 0, lengths sit near the top
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
