@@ -185,7 +185,7 @@ def test_eval_refuses_k_larger_than_n(tmp_path, capsys):
 
 
 class Killed(Exception):
-    pass
+    """Stands for a kill -9 in the middle of an evaluation."""
 
 
 class CountingReward:
