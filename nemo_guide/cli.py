@@ -328,12 +328,14 @@ FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirect
 def user_errors() -> tuple[type[Exception], ...]:
     """What the CLI reports in one line with exit code 2 (STYLE point 21): the project's own
     error types (:class:`ConfigError`, :class:`DataError` and its :class:`JsonlError`,
-    :class:`RunError`) and :data:`FILE_ERRORS`. Anything else is a bug and keeps its traceback."""
+    :class:`RunError`, :class:`ConvertError`) and :data:`FILE_ERRORS`. Anything else is a bug and
+    keeps its traceback."""
     from nemo_guide.config import ConfigError
+    from nemo_guide.convert.errors import ConvertError
     from nemo_guide.data.errors import DataError
     from nemo_guide.errors import RunError
 
-    return (ConfigError, DataError, RunError, *FILE_ERRORS)
+    return (ConfigError, ConvertError, DataError, RunError, *FILE_ERRORS)
 
 
 OVERRIDE_COMMANDS = ("config", "train", "eval")

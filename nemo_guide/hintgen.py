@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from nemo_guide.data.errors import file_problems
+from nemo_guide.data.errors import DataError, file_problems
 from nemo_guide.data.jsonl import prepare_append, read_jsonl
 from nemo_guide.data.records import Record, load_records
 from nemo_guide.rewards.math import matching_braces
@@ -251,7 +251,7 @@ def generate_hints(records: Sequence[Record], out: Path, cfg: HintClientConfig, 
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     missing = [r.id for r in records if not r.solution]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{len(missing)} record(s) have no 'solution' to derive a hint from, e.g. {missing[:5]}; "
             "add reference solutions or filter those records out first"
         )

@@ -233,3 +233,17 @@ def test_bad_hint_flags_and_a_damaged_parquet_file_are_one_line(tmp_path, capsys
     bad.write_bytes(b"not parquet at all")
     assert main(["data", "prepare", str(bad), str(tmp_path / "r.jsonl"), "--workers", "1"]) == 2
     assert f"{bad}: cannot be read as Parquet" in capsys.readouterr().err
+
+
+def test_convert_of_an_unsupported_model_is_one_line(tmp_path, capsys):
+    """A conversion refusal (here: a model family convert/ does not map) is a user error, not a traceback."""
+    import json as _json
+
+    from nemo_guide.cli import main as cli_main
+
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(_json.dumps({"model_type": "gpt2", "hidden_size": 8}))
+    assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model_type 'gpt2' is not supported" in err

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nemo_guide.convert.errors import ConvertError
 from nemo_guide.convert import (
     ModelShape,
     fuse_qkv,
@@ -88,7 +89,7 @@ def test_missing_tensor_is_named():
     shape = make_shape()
     hf = random_hf(shape)
     del hf["model.layers.2.mlp.up_proj.weight"]
-    with pytest.raises(KeyError, match="model.layers.2.mlp.up_proj.weight"):
+    with pytest.raises(ConvertError, match="model.layers.2.mlp.up_proj.weight"):
         hf_to_megatron(hf, shape, source="ckpt/")
 
 

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from nemo_guide.convert.errors import ConvertError
 from nemo_guide.convert.shape import ModelShape
 
 Tensor = torch.Tensor
@@ -90,7 +91,7 @@ def _take(sd: StateDict, key: str, source: str) -> Tensor:
     try:
         return sd[key]
     except KeyError:
-        raise KeyError(f"{source} has no tensor {key!r}; is it a checkpoint of this architecture?") from None
+        raise ConvertError(f"{source} has no tensor {key!r}; is it a checkpoint of this architecture?") from None
 
 
 def hf_to_megatron(hf: StateDict, shape: ModelShape, source: str = "the Hugging Face state dict") -> StateDict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from nemo_guide.convert.mapping import StateDict, from_te_names, layer_index
+from nemo_guide.convert.errors import ConvertError
 from nemo_guide.convert.shape import ModelShape
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "embedding.word_embeddings.weight", "output_layer.weight")
@@ -39,7 +40,7 @@ def tp_kind(key: str) -> str:
 
 def _chunk(t: torch.Tensor, tp: int, dim: int, key: str) -> tuple[torch.Tensor, ...]:
     if t.shape[dim] % tp:
-        raise ValueError(f"{key}: dim {dim} of size {t.shape[dim]} is not divisible by tensor_model_parallel_size = {tp}")
+        raise ConvertError(f"{key}: dim {dim} of size {t.shape[dim]} is not divisible by tensor_model_parallel_size = {tp}")
     return torch.chunk(t, tp, dim=dim)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_guide.convert.errors import ConvertError
+
 FAMILIES = ("qwen2", "llama", "mistral")
 
 # Megatron-core 0.10's RoPE knows one scaling: Llama 3.1's, with these constants.
@@ -48,7 +50,7 @@ class ModelShape:
         if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
             problems.append(f"num_attention_heads = {self.num_heads} is not a multiple of num_key_value_heads = {self.num_kv_heads}")
         if problems:
-            raise ValueError("invalid model shape: " + "; ".join(problems))
+            raise ConvertError("invalid model shape: " + "; ".join(problems))
 
     @property
     def heads_per_group(self) -> int:
@@ -67,7 +69,7 @@ class ModelShape:
             if self.num_layers % pp:
                 problems.append(f"num_hidden_layers = {self.num_layers} is not divisible by pipeline_model_parallel_size = {pp}")
         if problems:
-            raise ValueError("model and parallel layout do not fit: " + "; ".join(problems) + "; choose sizes that divide them")
+            raise ConvertError("model and parallel layout do not fit: " + "; ".join(problems) + "; choose sizes that divide them")
 
 
 def _rope(config: dict, source: str) -> tuple[float, bool]:
@@ -81,10 +83,10 @@ def _rope(config: dict, source: str) -> tuple[float, bool]:
     if kind == "llama3":
         got = {k: float(params.get(k, -1)) for k in _LLAMA3_SCALING}
         if got != _LLAMA3_SCALING:
-            raise ValueError(f"{source}: rope scaling {got} differs from Llama 3.1's {_LLAMA3_SCALING}, "
+            raise ConvertError(f"{source}: rope scaling {got} differs from Llama 3.1's {_LLAMA3_SCALING}, "
                              "the only scaling megatron-core 0.10 implements; use a checkpoint with those constants")
         return theta, True
-    raise ValueError(f"{source}: rope_type {kind!r} is not supported (only 'default' and Llama 3.1's 'llama3')")
+    raise ConvertError(f"{source}: rope_type {kind!r} is not supported (only 'default' and Llama 3.1's 'llama3')")
 
 
 def shape_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelShape:
@@ -95,11 +97,11 @@ def shape_from_hf_config(config: dict[str, Any], source: str = "config.json") ->
     """
     family = config.get("model_type")
     if family not in FAMILIES:
-        raise ValueError(f"{source}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+        raise ConvertError(f"{source}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     problems = []
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in config]
     if missing:
-        raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        raise ConvertError(f"{source}: missing field(s) {', '.join(missing)}")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act = {config['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
     if family != "qwen2" and config.get("attention_bias"):
@@ -109,7 +111,7 @@ def shape_from_hf_config(config: dict[str, Any], source: str = "config.json") ->
     if config.get("use_sliding_window") or (family == "mistral" and config.get("sliding_window")):
         problems.append("sliding-window attention is not supported by the Megatron mapping; set use_sliding_window=false/sliding_window=null")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise ConvertError(f"{source}: " + "; ".join(problems))
     heads = int(config["num_attention_heads"])
     theta, llama3 = _rope(config, source)
     return ModelShape(
