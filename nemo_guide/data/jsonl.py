@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Literal
@@ -199,9 +200,8 @@ def prepare_append(path: str | Path) -> TornTail | None:
     if not path.is_file():
         return None
     with path.open("r+b") as f:
-        last = None
-        for last in _lines(f):
-            pass
+        tail = deque(_lines(f), maxlen=1)  # the final line only
+        last = tail[0] if tail else None
         if last is None or last[2].endswith(b"\n"):
             return None
         number, offset, raw = last
