@@ -1,0 +1,162 @@
+"""Test-side patches that let NeMo 2.1 + NeMo-Aligner 0.7.0 run on a CPU-only machine.
+
+Measured in ``../shared/notes/aligner-plugin.md`` and ``cpu-stack.md``; each one was
+confirmed necessary there. They live in the test tier only: the package never patches
+NeMo, Megatron or torch. Call :func:`install` once per process, before importing NeMo.
+
+1. ``NVIDIA_PYTORCH_VERSION`` set (NeMo parses it and fails on None).
+2. Import stubs for ``tensorrt_llm``, ``tensorrt``, ``pytriton`` and ``mpi4py``, which
+   NeMo and Aligner import unguarded.
+3. ``torch.cuda`` device, RNG and cache calls pointed at the CPU.
+4. A ``TorchFunctionMode`` rewriting ``device="cuda"`` to CPU; ``Tensor.cuda()`` and
+   ``Module.cuda()`` return their receiver.
+5. ``nlp_overrides.HAVE_APEX = True`` plus placeholders for apex's fused norms and
+   ``listify_model``.
+6. megatron-core's ``set_defaults_if_not_set_tensor_model_parallel_attributes`` visible to
+   NeMo's ``build_model``.
+7. NeMo's ``get_specs`` returns megatron-core's local layer spec (no TransformerEngine).
+8. Lightning's ``MPIEnvironment.detect`` returns False (it would probe the mpi4py stub).
+9. ``get_megatron_pretrained_bert_models`` returns ``[]`` (its BERT spec needs TE).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_installed = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Every ``device=cuda`` becomes CPU; ``Tensor.cuda()`` returns the tensor itself."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if kwargs.get("device") is not None and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Stub(types.ModuleType):
+    """A module whose every attribute is another stub (enough for unguarded imports)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        # Capitalised names are used as classes (annotations, base classes, isinstance).
+        value = type(name, (), {"__module__": self.__name__}) if name[:1].isupper() else _Stub(f"{self.__name__}.{name}")
+        setattr(self, name, value)
+        return value
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:  # used as a decorator at import time
+            return args[0]
+        raise RuntimeError(f"{self.__name__} is a CPU test stub; the real package is not installed")
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports of ``tensorrt_llm``, ``tensorrt``, ``pytriton``, ``mpi4py`` and their submodules yield stubs."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _Stub(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+STUBBED = ("tensorrt_llm", "tensorrt", "pytriton", "mpi4py")
+
+
+def _stub_packages() -> None:
+    sys.meta_path.insert(0, _StubFinder())
+
+
+def _patch_cuda() -> None:
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it: a CPU seed would recurse
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.LongTensor = torch.LongTensor
+    torch.cuda.FloatTensor = torch.FloatTensor
+    torch.cuda.BoolTensor = torch.BoolTensor
+    torch.cuda.IntTensor = torch.IntTensor
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_nemo() -> None:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import layers as mlayers
+
+    from nemo.collections.nlp.models.language_modeling import megatron_gpt_model
+    from nemo.collections.nlp.modules.common.megatron import build_model as nemo_build
+    from nemo.collections.nlp.parts import nlp_overrides
+    from nemo.core.classes import modelPT
+
+    nlp_overrides.HAVE_APEX = True
+    for name in ("FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm"):
+        if not hasattr(nlp_overrides, name):
+            setattr(nlp_overrides, name, type(name, (), {}))
+    if not hasattr(nlp_overrides, "listify_model"):
+        nlp_overrides.listify_model = lambda model: model if isinstance(model, list) else [model]
+    nemo_build.set_defaults_if_not_set_tensor_model_parallel_attributes = mlayers.set_defaults_if_not_set_tensor_model_parallel_attributes
+    megatron_gpt_model.get_specs = lambda *a, **k: get_gpt_layer_local_spec()
+    modelPT.ModelPT.cuda = lambda self, *a, **k: self
+
+    from lightning.fabric.plugins.environments import mpi as lightning_mpi
+
+    lightning_mpi.MPIEnvironment.detect = staticmethod(lambda: False)
+    from nemo.collections.nlp.models import nlp_model
+
+    nlp_model.get_megatron_pretrained_bert_models = lambda: []
+
+
+def install() -> None:
+    """Apply every patch in this process (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
+    _stub_packages()
+    _patch_cuda()
+    _patch_megatron()
+    _patch_nemo()
+    CudaToCpu().__enter__()
+    _installed = True
