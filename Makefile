@@ -12,7 +12,12 @@ PYTEST_ARGS ?=
 # Where `make train` writes its run (run.output_dir).
 RUNS ?= runs
 
-.PHONY: install lint test train clean
+# The NeMo-Aligner tier: NeMo 2.1.0 + NeMo-Aligner 0.7.0 + megatron-core 0.10.0 in their own venv,
+# every version pinned by constraints/aligner-cpu.txt (CPU; recipe in docs of ../shared/notes/cpu-stack.md).
+ALIGNER_VENV ?= .venv-aligner
+ALIGNER_PINS ?= constraints/aligner-cpu.txt
+
+.PHONY: install lint test train clean install-aligner test-aligner
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -23,6 +28,24 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# mamba-ssm (a NeMo dependency) is built from source without its CUDA kernels, before NeMo.
+$(ALIGNER_VENV)/.installed: $(ALIGNER_PINS) setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
+	test -x $(ALIGNER_VENV)/bin/python || $(PYTHON) -m venv $(ALIGNER_VENV)
+	$(ALIGNER_VENV)/bin/python -m pip install --quiet -c $(ALIGNER_PINS) pip setuptools wheel
+	$(ALIGNER_VENV)/bin/python -m pip install --quiet -c $(ALIGNER_PINS) $(TORCH_PIP_ARGS) torch
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(ALIGNER_VENV)/bin/python -m pip install --quiet -c $(ALIGNER_PINS) --no-build-isolation mamba-ssm
+	$(ALIGNER_VENV)/bin/python -m pip install --quiet -c $(ALIGNER_PINS) "nemo_toolkit[nlp]" megatron-core nemo-aligner \
+		transformers sentence-transformers datasets pangu zarr pyarrow
+	$(ALIGNER_VENV)/bin/python -m pip install --quiet -c $(ALIGNER_PINS) -e ".[dev]"
+	touch $@
+
+install-aligner: $(ALIGNER_VENV)/.installed
+
+# The NeMo-Aligner tier's tests (tests_aligner/), after the default suite in .ci/run.
+test-aligner: install-aligner
+	$(ALIGNER_VENV)/bin/python -m pytest tests_aligner $(PYTEST_ARGS)
 
 # Lint: the rules of pyproject.toml's [tool.ruff] (bugs, not style), with the ruff of the [dev] extra.
 lint: install
@@ -40,4 +63,4 @@ train: install
 	$(VENV)/bin/nemo-guide train conf/tiny_cpu.yaml run.output_dir=$(RUNS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(ALIGNER_VENV) build *.egg-info .pytest_cache

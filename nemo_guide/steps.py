@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from nemo_guide.backends.base import Generator, LossFn, Policy, PromptTokenizer, RolloutBatch
+from nemo_guide.backends.base import Generator, LossFn, Policy, PromptTokenizer, RolloutBatch, Totals
 from nemo_guide.config import AlgorithmConfig, GenerationConfig
 from nemo_guide.core.advantages import equal_reward_groups, group_advantages
 from nemo_guide.core.guidance import assemble_groups, select_for_guidance
@@ -236,21 +236,23 @@ def with_old_logprobs(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig
 # -- step 10 -----------------------------------------------------------------------------
 
 
-def micro_share(micro: RolloutBatch, mini: RolloutBatch, aggregation: str) -> float:
-    """The fraction of ``mini``'s loss that ``micro`` carries, so summed micro-batch gradients
-    equal the mini-batch loss's: tokens for ``token-mean``, counted rollouts for the
-    ``seq-mean-*`` aggregations, 1 for ``paper`` (already normalised by B*G)."""
+def micro_share(micro: RolloutBatch, totals: Totals, aggregation: str) -> float:
+    """The fraction of the mini-batch's loss that ``micro`` carries, so summed micro-batch
+    gradients equal the mini-batch loss's: tokens for ``token-mean``, counted rollouts for the
+    ``seq-mean-*`` aggregations, 1 for ``paper`` (already normalised by B*G). ``totals`` are
+    the whole mini-batch's (:meth:`Totals.of`, or summed over data-parallel ranks)."""
     if aggregation == "paper":
         return 1.0
+    own = Totals.of(micro)
     if aggregation == "token-mean":
-        return float(micro.loss_mask.sum()) / max(1.0, float(mini.loss_mask.sum()))
-    return float(micro.loss_mask.any(-1).sum()) / max(1.0, float(mini.loss_mask.any(-1).sum()))
+        return own.tokens / max(1.0, totals.tokens)
+    return own.rows / max(1.0, totals.rows)
 
 
 def policy_loss_fn(algo: AlgorithmConfig, num_prompts: int) -> LossFn:
     """The Guide-GRPO surrogate of ``nemo_guide.core.loss`` as a policy loss callback."""
 
-    def loss_fn(micro: RolloutBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None, mini: RolloutBatch):
+    def loss_fn(micro: RolloutBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None, totals: Totals):
         loss, metrics = guide_policy_loss(
             logprobs,
             micro.old_logprobs,
@@ -272,15 +274,15 @@ def policy_loss_fn(algo: AlgorithmConfig, num_prompts: int) -> LossFn:
             entropy=entropy,
             entropy_coef=algo.entropy_coef,
         )
-        return loss * micro_share(micro, mini, algo.aggregation), metrics
+        return loss * micro_share(micro, totals, algo.aggregation), metrics
 
     return loss_fn
 
 
-def sft_loss_fn(micro: RolloutBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None, mini: RolloutBatch):
+def sft_loss_fn(micro: RolloutBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None, totals: Totals):
     """Token-mean negative log-likelihood of the reference solutions (the SFT baseline)."""
     mask = micro.loss_mask
-    nll = -(logprobs * mask).sum() / max(1.0, float(mini.loss_mask.sum()))
+    nll = -(logprobs * mask).sum() / max(1.0, totals.tokens)
     return nll, {"loss/sft_nll": (-(logprobs * mask).sum() / mask.sum().clamp(min=1)).detach()}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nemo_guide.backends.base import RolloutBatch
+from nemo_guide.backends.base import RolloutBatch, Totals
 from nemo_guide.config import AlgorithmConfig
 
 VOCAB = 64
@@ -101,7 +101,7 @@ def hf_reference(model_dir, batch: RolloutBatch):
     if batch.old_logprobs is None:
         batch = with_old_logprobs(batch, lp_sample)
     lp_plain, ent_plain = score(batch.plain_prompt_ids)
-    loss, metrics = loss_fn()(batch, lp_plain, ent_plain, batch)
+    loss, metrics = loss_fn()(batch, lp_plain, ent_plain, Totals.of(batch))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     return lp_plain.detach(), ent_plain.detach(), lp_sample, float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from nemo_guide.backends.base import Context, LossFn, RolloutBatch
+from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
 from nemo_guide.backends.megatron.last_stage import response_logprobs
 from nemo_guide.backends.megatron.layout import TokenRows, lay_out, realign
 from nemo_guide.tracking import reduce_metrics
@@ -153,7 +153,7 @@ def forward_backward(model, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch
     def loss_of(index, micro, hidden):
         lp, ent = _fused(model, micro, hidden, batch.response_length, with_entropy)
         n = len(index)
-        loss, metrics = loss_fn(batch.select(index).to_device(device), lp[:n], None if ent is None else ent[:n], batch)
+        loss, metrics = loss_fn(batch.select(index).to_device(device), lp[:n], None if ent is None else ent[:n], Totals.of(batch))
         return loss, {k: v.detach().float().cpu() for k, v in metrics.items()}
 
     stored = _schedule(model, _rows(batch, "plain", micro_batch_size), len(batch), micro_batch_size, loss_of, forward_only=False)

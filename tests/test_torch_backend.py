@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_guide.backends.base import Generator, Policy, PromptTokenizer
+from nemo_guide.backends.base import Generator, Policy, PromptTokenizer, Totals
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.errors import RunError
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
@@ -181,9 +181,12 @@ def test_micro_share_hand_computed():
     lengths = [[1, 1, 1], [1], [1], [1, 1]]
     batch = build_batch([[1]] * 4, [[1]] * 4, lengths, torch.zeros(4), torch.arange(4), torch.zeros(4, dtype=torch.bool), torch.tensor([True, True, False, True]))
     micro = batch.select([0, 1])
-    assert micro_share(micro, batch, "token-mean") == pytest.approx(4 / 6)
-    assert micro_share(micro, batch, "seq-mean-token-mean") == pytest.approx(2 / 3)
-    assert micro_share(micro, batch, "paper") == 1.0
+    assert micro_share(micro, Totals.of(batch), "token-mean") == pytest.approx(4 / 6)
+    assert micro_share(micro, Totals.of(batch), "seq-mean-token-mean") == pytest.approx(2 / 3)
+    assert micro_share(micro, Totals.of(batch), "paper") == 1.0
+    # a data-parallel host passes the totals of every rank's share: the same micro-batch then carries less
+    assert micro_share(micro, Totals(tokens=12.0, rows=6.0), "token-mean") == pytest.approx(4 / 12)
+    assert micro_share(micro, Totals(tokens=12.0, rows=6.0), "seq-mean-token-sum") == pytest.approx(2 / 6)
 
 
 def test_train_step_changes_every_parameter_and_skips_non_finite(random_tiny):

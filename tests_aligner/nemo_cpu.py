@@ -17,6 +17,9 @@ NeMo, Megatron or torch. Call :func:`install` once per process, before importing
 7. NeMo's ``get_specs`` returns megatron-core's local layer spec (no TransformerEngine).
 8. Lightning's ``MPIEnvironment.detect`` returns False (it would probe the mpi4py stub).
 9. ``get_megatron_pretrained_bert_models`` returns ``[]`` (its BERT spec needs TE).
+10. ``setup_transformer_engine_cp_groups`` does nothing (it creates a CUDA stream for TE).
+11. The tensor-parallel RNG tracker is seeded with NeMo's seed (NeMo does it only when
+    ``torch.cuda.device_count() > 0``).
 """
 
 from __future__ import annotations
@@ -130,15 +133,25 @@ def _patch_nemo() -> None:
     from nemo.collections.nlp.parts import nlp_overrides
     from nemo.core.classes import modelPT
 
+    from nemo.collections.nlp.modules.common.megatron import utils as megatron_utils
+
     nlp_overrides.HAVE_APEX = True
-    for name in ("FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm"):
-        if not hasattr(nlp_overrides, name):
-            setattr(nlp_overrides, name, type(name, (), {}))
-    if not hasattr(nlp_overrides, "listify_model"):
-        nlp_overrides.listify_model = lambda model: model if isinstance(model, list) else [model]
+    for module in (nlp_overrides, megatron_utils):
+        for name in ("FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm"):  # isinstance targets only
+            if not hasattr(module, name):
+                setattr(module, name, type(name, (), {}))
+    listify = lambda model: model if isinstance(model, list) else [model]  # noqa: E731  (apex's helper)
+    for module in (nlp_overrides, megatron_utils):
+        if not hasattr(module, "listify_model"):
+            module.listify_model = listify
     nemo_build.set_defaults_if_not_set_tensor_model_parallel_attributes = mlayers.set_defaults_if_not_set_tensor_model_parallel_attributes
     megatron_gpt_model.get_specs = lambda *a, **k: get_gpt_layer_local_spec()
     modelPT.ModelPT.cuda = lambda self, *a, **k: self
+    from nemo.collections.nlp.models.language_modeling import megatron_base_model
+
+    # context-parallel groups for TransformerEngine: a CUDA stream, and nothing to do without TE
+    megatron_base_model.MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
+    _seed_rng_tracker_on_cpu()
 
     from lightning.fabric.plugins.environments import mpi as lightning_mpi
 
@@ -146,6 +159,21 @@ def _patch_nemo() -> None:
     from nemo.collections.nlp.models import nlp_model
 
     nlp_model.get_megatron_pretrained_bert_models = lambda: []
+
+
+def _seed_rng_tracker_on_cpu() -> None:
+    """NeMo seeds megatron-core's tensor-parallel RNG tracker only when a GPU is visible."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from nemo.collections.nlp.modules.common.megatron import megatron_init
+
+    original = megatron_init._set_random_seed
+
+    def set_random_seed(seed: int) -> None:
+        original(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+    megatron_init._set_random_seed = set_random_seed
 
 
 def install() -> None:

@@ -94,12 +94,29 @@ class RolloutBatch:
         return replace(self, **changes)
 
 
-LossFn = Callable[["RolloutBatch", torch.Tensor, "torch.Tensor | None", "RolloutBatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(micro_batch, logprobs [n, L], entropy [n, L] | None, mini_batch) -> (loss, metrics)``.
+@dataclass(frozen=True)
+class Totals:
+    """What one optimizer step's loss is normalised by: the counted tokens and rollouts of its
+    whole mini-batch. A data-parallel host sums them over every rank's share, so each rank's
+    micro-batches carry their share of the *global* mini-batch."""
+
+    tokens: float
+    """Tokens with ``loss_mask`` True."""
+    rows: float
+    """Rollouts with at least one such token."""
+
+    @classmethod
+    def of(cls, batch: RolloutBatch) -> "Totals":
+        """The totals of one process's ``batch``."""
+        return cls(float(batch.loss_mask.sum()), float(batch.loss_mask.any(-1).sum()))
+
+
+LossFn = Callable[["RolloutBatch", torch.Tensor, "torch.Tensor | None", Totals], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(micro_batch, logprobs [n, L], entropy [n, L] | None, totals) -> (loss, metrics)``.
 
 Called once per micro-batch; the policy sums the returned losses' gradients over the
 micro-batches of one mini-batch, so the loss must already carry the micro-batch's share
-of the mini-batch (see ``nemo_guide.steps.micro_share``)."""
+of the mini-batch's ``totals`` (see ``nemo_guide.steps.micro_share``)."""
 
 
 class PromptTokenizer(Protocol):

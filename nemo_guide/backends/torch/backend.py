@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from nemo_guide.backends.base import Context, LossFn, RolloutBatch
+from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
 from nemo_guide.backends.torch.models import load_adapter
 from nemo_guide.backends.torch.sampling import generate, left_pad, right_pad
 from nemo_guide.checkpoint import corrupt, load_torch_file
@@ -159,11 +159,12 @@ class TorchBackend:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, with_entropy: bool = False) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         parts: list[dict[str, torch.Tensor]] = []
+        totals = Totals.of(batch)
         finite = True
         for start in range(0, len(batch), micro_batch_size):
             micro = batch.select(range(start, min(len(batch), start + micro_batch_size)))
             logprobs, entropy = self._score(self.model, micro, "plain", with_entropy)
-            loss, metrics = loss_fn(micro.to_device(self.device), logprobs, entropy, batch)
+            loss, metrics = loss_fn(micro.to_device(self.device), logprobs, entropy, totals)
             if not torch.isfinite(loss):
                 finite = False
                 break
