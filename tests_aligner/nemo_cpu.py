@@ -20,6 +20,8 @@ NeMo, Megatron or torch. Call :func:`install` once per process, before importing
 10. ``setup_transformer_engine_cp_groups`` does nothing (it creates a CUDA stream for TE).
 11. The tensor-parallel RNG tracker is seeded with NeMo's seed (NeMo does it only when
     ``torch.cuda.device_count() > 0``).
+12. Aligner's gradient clipping uses a torch version of NeMo's ``clip_grad_norm_fp32``
+    (NeMo's needs apex's ``amp_C`` kernels and CUDA tensors).
 """
 
 from __future__ import annotations
@@ -176,6 +178,42 @@ def _seed_rng_tracker_on_cpu() -> None:
     megatron_init._set_random_seed = set_random_seed
 
 
+def _clip_grad_norm_cpu(parameters, max_norm, norm_type=2, use_fsdp=False):
+    """NeMo's ``clip_grad_norm_fp32`` without apex's ``amp_C`` kernels: the L2 norm of the
+    gradients over the model-parallel group (tensor-parallel duplicates counted once), then
+    the same in-place scaling."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    params = [p for p in (parameters if isinstance(parameters, list) else list(parameters)) if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if param_is_not_tensor_parallel_duplicate(p):
+            squares += p.grad.float().pow(2).sum()
+    dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+    total = float(squares.sqrt())
+    coeff = max_norm / (total + 1.0e-6)
+    if coeff < 1.0:
+        for p in params:
+            p.grad.mul_(coeff)
+    return total
+
+
+def _patch_aligner() -> None:
+    from nemo_aligner.utils import train_utils
+
+    train_utils.clip_grad_norm_fp32 = _clip_grad_norm_cpu
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def install() -> None:
     """Apply every patch in this process (idempotent)."""
     global _installed
@@ -186,5 +224,6 @@ def install() -> None:
     _patch_cuda()
     _patch_megatron()
     _patch_nemo()
+    _patch_aligner()
     CudaToCpu().__enter__()
     _installed = True
