@@ -20,6 +20,10 @@ NeMo, Megatron or torch. Call :func:`install` once per process, before importing
 10. ``setup_transformer_engine_cp_groups`` does nothing (it creates a CUDA stream for TE).
 11. The tensor-parallel RNG tracker is seeded with NeMo's seed (NeMo does it only when
     ``torch.cuda.device_count() > 0``).
+13. torch Adam's per-parameter 0-dim ``step`` is checkpointed as an object per shard
+    (megatron-core expects apex's per-group step).
+14. NeMo's checkpoint I/O writes torch_dist synchronously (megatron-core 0.10's writer
+    forks and uses a private API of torch < 2.7).
 12. Aligner's gradient clipping uses a torch version of NeMo's ``clip_grad_norm_fp32``
     (NeMo's needs apex's ``amp_C`` kernels and CUDA tensors).
 """
@@ -139,7 +143,8 @@ def _patch_nemo() -> None:
 
     nlp_overrides.HAVE_APEX = True
     for module in (nlp_overrides, megatron_utils):
-        for name in ("FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm"):  # isinstance targets only
+        # isinstance targets only: apex's fused norms and distributed optimizers
+        for name in ("FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm", "MegatronDistributedFusedAdam", "McoreDistributedOptimizer"):
             if not hasattr(module, name):
                 setattr(module, name, type(name, (), {}))
     listify = lambda model: model if isinstance(model, list) else [model]  # noqa: E731  (apex's helper)
@@ -200,6 +205,49 @@ def _clip_grad_norm_cpu(parameters, max_norm, norm_type=2, use_fsdp=False):
     return total
 
 
+def _patch_optimizer_checkpoint() -> None:
+    """torch's Adam keeps a 0-dim ``step`` tensor per parameter (apex's fused Adam, used on GPUs,
+    keeps it per group); megatron-core shards optimizer states like their parameter. On CPU a
+    0-dim state is saved as a small object per rank and parameter (in the optimizer's fixed
+    order), so resume at the same world size keeps Adam's step count exactly."""
+    import itertools
+
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing import optimizer as mopt
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    original_make, original_state = mopt.make_sharded_optimizer_tensor, mopt.optim_state_to_sharding_state
+    counter = itertools.count()
+
+    def make_sharded_optimizer_tensor(model_param, optim_param, prefix):
+        if torch.is_tensor(optim_param) and optim_param.dim() == 0:
+            return ShardedObject(f"{prefix}.rank{dist.get_rank()}.n{next(counter)}", optim_param, (1,), (0,), replica_id=0)
+        return original_make(model_param, optim_param, prefix)
+
+    def optim_state_to_sharding_state(*args, **kwargs):
+        nonlocal counter
+        counter = itertools.count()
+        return original_state(*args, **kwargs)
+
+    mopt.make_sharded_optimizer_tensor = make_sharded_optimizer_tensor
+    mopt.optim_state_to_sharding_state = optim_state_to_sharding_state
+    from nemo.collections.nlp.parts import nlp_overrides
+
+    if hasattr(nlp_overrides, "optim_state_to_sharding_state"):
+        nlp_overrides.optim_state_to_sharding_state = optim_state_to_sharding_state
+
+
+def _patch_checkpoint_writer() -> None:
+    """megatron-core 0.10's torch_dist writer forks a process, calls torch.cuda.synchronize()
+    and a private torch API that changed in torch 2.7; NeMo's checkpoint I/O writes the same
+    format synchronously here (the project's own writer of ``backends/megatron/checkpoint``)."""
+    from nemo.utils.callbacks import dist_ckpt_io
+
+    from nemo_guide.backends.megatron.checkpoint import _save_strategy
+
+    dist_ckpt_io.DistributedCheckpointIO._determine_dist_ckpt_save_strategy = lambda self: _save_strategy()
+
+
 def _patch_aligner() -> None:
     from nemo_aligner.utils import train_utils
 
@@ -225,5 +273,7 @@ def install() -> None:
     _patch_megatron()
     _patch_nemo()
     _patch_aligner()
+    _patch_optimizer_checkpoint()
+    _patch_checkpoint_writer()
     CudaToCpu().__enter__()
     _installed = True

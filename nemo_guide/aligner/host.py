@@ -105,14 +105,16 @@ class AlignerHost:
         finished: list[bool] = []
         eos = self.eos_ids[0]
         own = [list(prompts[i]) for i in mine]
-        for chunk, start in enumerate(range(0, len(own), self.rollout_micro_batch_size)):
+        for start in range(0, len(own), self.rollout_micro_batch_size):
             part = own[start : start + self.rollout_micro_batch_size]
             lengths = torch.tensor([len(p) for p in part])
             width = int(lengths.max()) + max_new_tokens
             text = torch.full((len(part), width), eos, dtype=torch.long)
             for i, p in enumerate(part):
                 text[i, : len(p)] = torch.tensor(p)
-            torch.manual_seed((seed * 1_000_003 + rank) * 10_007 + chunk)  # the same on every model-parallel rank
+            # seeded by the chunk's first global prompt: the same on every model-parallel rank, and with
+            # rollout_micro_batch_size = 1 the same samples whatever the data-parallel layout
+            torch.manual_seed(seed * 1_000_003 + (mine[start] if mine else 0))
             out = actor.infer({"text": text, "length": lengths})
             tokens, ends, is_end = out["response_tokens"].cpu(), out["response_lengths"].cpu(), out["is_end"].cpu()
             for i, p in enumerate(part):

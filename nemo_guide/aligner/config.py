@@ -1,0 +1,132 @@
+"""The Guide part of a NeMo-Aligner run's Hydra config, validated before any model is built.
+
+A run's YAML is Aligner's (``trainer``, ``model``, ``exp_manager``, ``pretrained_checkpoint``)
+plus ``trainer.guide``, which holds this project's sections with the meaning they have in
+the embedded backend (``nemo_guide.config``)::
+
+    trainer:
+      guide:
+        algorithm: {...}     # the same keys as conf/tiny_cpu.yaml's algorithm section
+        generation: {...}
+        data: {...}
+        run: {steps, seed, eval_every, save_every, name, output_dir, log_every}
+        mini_batch_size: null   # rollouts per optimizer step (null: the whole step's batch)
+
+The optimizer, precision and layout are NeMo's (``model.optim``, ``trainer.precision``,
+``model.tensor_model_parallel_size``...); ``model.micro_batch_size`` is the rollouts per
+micro-batch per replica. :func:`guide_config` finds every problem at once and names each
+key with its fix. This module imports neither NeMo nor torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from nemo_guide.config import Config, ConfigError, config_from_dict
+
+GUIDE = "trainer.guide"
+GUIDE_SECTIONS = ("algorithm", "generation", "data", "run")
+GUIDE_KEYS = (*GUIDE_SECTIONS, "mini_batch_size")
+NEMO_OWNED = {
+    "optim": "the optimizer is NeMo's: set model.optim (name, lr, betas, weight_decay, sched)",
+    "backend": "the model is the .nemo checkpoint: set pretrained_checkpoint.restore_from_path and the layout in model.*",
+}
+RUN_KEYS_IGNORED = ("resume", "keep_checkpoints")
+
+
+def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
+    """The embedded-backend :class:`~nemo_guide.config.Config` that the named steps read, from
+    a plain-container Aligner config (``OmegaConf.to_container(cfg, resolve=True)``).
+
+    Raises:
+        ConfigError: every problem, each naming its key (``trainer.guide.*`` or ``model.*``) and the fix.
+    """
+    problems: list[str] = []
+    guide = _get(cfg, GUIDE)
+    if not isinstance(guide, Mapping):
+        raise ConfigError([f"{GUIDE} is missing: add the Guide sections ({', '.join(GUIDE_KEYS)}); see conf/aligner/tiny_cpu.yaml"], source)
+    for key in guide:
+        if key in NEMO_OWNED:
+            problems.append(f"{GUIDE}.{key}: not a Guide setting here; {NEMO_OWNED[key]}")
+        elif key not in GUIDE_KEYS:
+            problems.append(f"{GUIDE}.{key}: unknown key; valid keys: {', '.join(GUIDE_KEYS)}")
+    for key in RUN_KEYS_IGNORED:
+        if key in (guide.get("run") or {}):
+            problems.append(f"{GUIDE}.run.{key}: NeMo's exp_manager owns checkpoints here (resume_if_exists, checkpoint_callback_params.save_top_k)")
+    micro = _get(cfg, "model.micro_batch_size")
+    if not isinstance(micro, int) or micro < 1:
+        problems.append(f"model.micro_batch_size = {micro!r}: expected a positive integer (rollouts per micro-batch per replica)")
+        micro = 1
+    data = {name: dict(guide.get(name) or {}) for name in GUIDE_SECTIONS if name in guide}
+    data["optim"] = {"mini_batch_size": guide.get("mini_batch_size"), "micro_batch_size": micro}
+    try:
+        config = config_from_dict(data, source=source)
+    except ConfigError as exc:
+        problems += [p if p.startswith(GUIDE) else f"{GUIDE}.{p}" for p in exc.problems]
+        config = None
+    problems += _layout_problems(cfg)
+    if config is not None:
+        problems += _length_problems(cfg, config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _layout_problems(cfg: Mapping[str, Any]) -> list[str]:
+    tp = _get(cfg, "model.tensor_model_parallel_size", 1)
+    pp = _get(cfg, "model.pipeline_model_parallel_size", 1)
+    nodes, devices = _get(cfg, "trainer.num_nodes", 1), _get(cfg, "trainer.devices", 1)
+    out = []
+    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp), ("trainer.num_nodes", nodes), ("trainer.devices", devices)):
+        if not isinstance(value, int) or value < 1:
+            out.append(f"{key} = {value!r}: expected a positive integer")
+    if out:
+        return out
+    world = nodes * devices
+    if world % (tp * pp):
+        fits = sorted({d for d in range(1, world + 1) if world % d == 0})
+        out.append(
+            f"model.tensor_model_parallel_size ({tp}) x model.pipeline_model_parallel_size ({pp}) = {tp * pp} does not divide the world size "
+            f"{world} (trainer.num_nodes {nodes} x trainer.devices {devices}); choose TP x PP among {fits}"
+        )
+    if _get(cfg, "model.ppo.trt_llm.enable", False) and _get(cfg, "model.ppo.trt_llm.reshard", False) and pp > 1:
+        out.append("model.ppo.trt_llm.reshard = true with pipeline parallelism: TensorRT-LLM resharding serves PP>1 -> PP=1 only in NeMo 2.1; keep it but note it regroups ranks, or set it false")
+    return out
+
+
+def _length_problems(cfg: Mapping[str, Any], config: Config) -> list[str]:
+    """Lengths known without a tokenizer: responses must fit the context and the engine."""
+    out = []
+    seq = _get(cfg, "model.encoder_seq_length")
+    new = config.generation.max_new_tokens
+    if isinstance(seq, int) and new >= seq:
+        out.append(f"{GUIDE}.generation.max_new_tokens = {new} leaves no room for a prompt in model.encoder_seq_length = {seq}; lower it")
+    if _get(cfg, "model.ppo.trt_llm.enable", False):
+        max_input = _get(cfg, "model.ppo.trt_llm.max_input_len")
+        if isinstance(max_input, int) and isinstance(seq, int) and max_input + new > seq:
+            out.append(
+                f"model.ppo.trt_llm.max_input_len ({max_input}) + {GUIDE}.generation.max_new_tokens ({new}) = {max_input + new} exceeds "
+                f"model.encoder_seq_length ({seq}); TensorRT-LLM refuses such an engine: lower one of them"
+            )
+    return out
+
+
+def prompt_limit(cfg: Mapping[str, Any], config: Config) -> tuple[int, str]:
+    """The longest prompt (in tokens) a run can take, and the key that sets it: the smallest of
+    ``data.max_prompt_tokens``, TensorRT-LLM's ``max_input_len`` and the context minus the response."""
+    limits = [(config.data.max_prompt_tokens, f"{GUIDE}.data.max_prompt_tokens")]
+    seq = _get(cfg, "model.encoder_seq_length")
+    if isinstance(seq, int):
+        limits.append((seq - config.generation.max_new_tokens, f"model.encoder_seq_length - {GUIDE}.generation.max_new_tokens"))
+    if _get(cfg, "model.ppo.trt_llm.enable", False) and isinstance(_get(cfg, "model.ppo.trt_llm.max_input_len"), int):
+        limits.append((_get(cfg, "model.ppo.trt_llm.max_input_len"), "model.ppo.trt_llm.max_input_len"))
+    return min(limits)
