@@ -4,7 +4,9 @@ Measured in ``../shared/notes/aligner-plugin.md`` and ``cpu-stack.md``; each one
 confirmed necessary there. They live in the test tier only: the package never patches
 NeMo, Megatron or torch. Call :func:`install` once per process, before importing NeMo.
 
-1. ``NVIDIA_PYTORCH_VERSION`` set (NeMo parses it and fails on None).
+1. ``NVIDIA_PYTORCH_VERSION`` set (NeMo parses it and fails on None), and
+   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (torch 2.4's ``torch.load`` default, which NeMo's
+   checkpoints of OmegaConf objects rely on).
 2. Import stubs for ``tensorrt_llm``, ``tensorrt``, ``pytriton`` and ``mpi4py``, which
    NeMo and Aligner import unguarded.
 3. ``torch.cuda`` device, RNG and cache calls pointed at the CPU.
@@ -235,6 +237,16 @@ def _patch_optimizer_checkpoint() -> None:
 
     if hasattr(nlp_overrides, "optim_state_to_sharding_state"):
         nlp_overrides.optim_state_to_sharding_state = optim_state_to_sharding_state
+    original_init = nlp_overrides.init_optimizer_states
+
+    def init_optimizer_states(optimizer) -> None:
+        """NeMo's empty Adam states (the load template), plus torch Adam's per-parameter step."""
+        original_init(optimizer)
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+    nlp_overrides.init_optimizer_states = init_optimizer_states
 
 
 def _patch_checkpoint_writer() -> None:
@@ -268,6 +280,9 @@ def install() -> None:
     if _installed:
         return
     os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
+    # torch >= 2.6 loads with weights_only=True by default; the pinned stack (torch 2.4 in the
+    # 24.07 image) did not, and NeMo/megatron-core checkpoints pickle OmegaConf objects.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     _stub_packages()
     _patch_cuda()
     _patch_megatron()
