@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nemo_guide"
 HEAVY = ["transformers", "megatron", "nemo", "nemo_aligner", "tensorrt_llm", "transformer_engine", "apex"]
 
 
-@pytest.mark.parametrize("module", ["nemo_guide.core", "nemo_guide.rewards", "nemo_guide.data", "nemo_guide.config"])
+@pytest.mark.parametrize("module", ["nemo_guide.core", "nemo_guide.rewards", "nemo_guide.data", "nemo_guide.config", "nemo_guide.aligner.config"])
 def test_light_modules_pull_in_nothing_heavy(module):
     code = (
         f"import sys, {module}\n"
@@ -62,13 +62,31 @@ def test_backends_do_not_import_the_loop_or_entry_points():
 
 
 def test_only_entry_points_pick_a_backend():
-    # The loop sees the PolicyBackend protocol (backends.base), never a concrete backend.
+    # The loop sees the PolicyBackend protocol (backends.base), never a concrete backend; the
+    # NeMo-Aligner host uses the Megatron pieces (layout, last-stage log-probs), never the torch backend.
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE)
         if rel.parts[0] == "backends" or rel.name == "cli.py":
             continue
+        banned = ("nemo_guide.backends.torch",) if rel.parts[0] == "aligner" else ("nemo_guide.backends.torch", "nemo_guide.backends.megatron")
         for name in _package_imports(path):
-            assert not name.startswith(("nemo_guide.backends.torch", "nemo_guide.backends.megatron")), f"{path}: imports {name}"
+            assert not name.startswith(banned), f"{path}: imports {name}"
+
+
+def test_only_the_aligner_package_imports_nemo():
+    """NeMo and NeMo-Aligner are imported in nemo_guide/aligner/ only, and importing the package
+    (and its config validation and train script) needs neither."""
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        roots = {n.split(".")[0] for n in _imports(path)}
+        if rel.parts[0] != "aligner":
+            assert not roots & {"nemo", "nemo_aligner"}, f"{rel} imports NeMo"
+    code = (
+        "import sys, nemo_guide, nemo_guide.aligner, nemo_guide.aligner.config, nemo_guide.aligner.train\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('nemo', 'nemo_aligner', 'megatron'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_convert_is_pure_tensor_code():
@@ -89,8 +107,8 @@ def test_megatron_and_triton_are_imported_in_one_guarded_place_each():
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         roots = {n.split(".")[0] for n in _imports(path)}
-        if "megatron" in roots:
-            assert rel == "backends/megatron/_mcore.py", f"{rel} imports megatron"
+        if "megatron" in roots:  # the NeMo-Aligner host runs only where the pinned stack is installed
+            assert rel == "backends/megatron/_mcore.py" or rel.startswith("aligner/"), f"{rel} imports megatron"
         if "triton" in roots:
             assert rel == "kernels/logprobs_triton.py", f"{rel} imports triton"
     # the fused log-prob op does not pull triton in on CPU
