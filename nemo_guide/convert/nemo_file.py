@@ -151,6 +151,8 @@ def nemo_model_config(shape: ModelShape, hf_config: dict[str, Any], *, dtype: st
         "num_micro_batches_with_partial_activation_checkpoints": None,
         "activations_checkpoint_layers_per_pipeline": None,
         "dist_ckpt_format": "torch_dist",
+        # read when the model is built; a training run's config replaces it
+        "optim": {"name": "fused_adam", "lr": 1.0e-5, "weight_decay": 0.0, "betas": [0.9, 0.98]},
     }
 
 

@@ -73,8 +73,8 @@ def _tokenizer_source(hf_dir: Path, tokenizer: str | None) -> str:
 def hf_to_nemo_checkpoint(hf_dir: str | Path, out_path: str | Path, *, dtype: str = "auto", tokenizer: str | None = None) -> Path:
     """Convert a Hugging Face Qwen2/Llama directory into a NeMo 2.1 ``.nemo`` file.
 
-    ``dtype``: ``auto`` keeps the checkpoint's dtype (bit-exact), else ``float32``/``bfloat16``/
-    ``float16``. ``tokenizer``: the ``tokenizer.type`` NeMo will load (default: ``hf_dir``,
+    ``dtype``: ``auto`` keeps the checkpoint's dtype (that of its embedding; bit-exact), else
+    ``float32``/``bfloat16``/``float16``; every tensor is written in it. ``tokenizer``: the ``tokenizer.type`` NeMo will load (default: ``hf_dir``,
     made absolute). One CPU process; peak memory about twice the model, disk about twice the file.
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
@@ -89,9 +89,11 @@ def hf_to_nemo_checkpoint(hf_dir: str | Path, out_path: str | Path, *, dtype: st
     staging = _staging(out_path)
     try:
         with single_process_group():
-            model = build_model(shape, MegatronModelConfig(dtype=dtype, layer_spec="local"), device="cpu")
+            model_config = MegatronModelConfig(dtype=dtype, layer_spec="local")
+            model = build_model(shape, model_config, device="cpu")
             load_rank_weights(model, full, shape)
             del full, hf_state
+            model.to(model_config.torch_dtype)  # the local spec's norms are built in float32
             save_model(model, staging / MODEL_WEIGHTS, prefix=PREFIX)
         write_model_config(nemo_model_config(shape, config, dtype=dtype, tokenizer=tokenizer), staging / MODEL_CONFIG)
         shutil.copy2(hf_dir / "config.json", staging / HF_CONFIG)
@@ -146,7 +148,7 @@ def nemo_to_hf_checkpoint(nemo_path: str | Path, out_dir: str | Path, *, hf_conf
     pass the original ``config.json`` for ``.nemo`` files written elsewhere (NeMo, a training run).
     Tokenizer files come from the ``.nemo``'s ``hf/``, else from the ``tokenizer.type`` directory
     of its config when that exists. Vocabulary rows beyond the HF ``vocab_size`` (NeMo's padding)
-    are dropped. ``dtype``: ``auto`` keeps the stored dtype.
+    are dropped. ``dtype``: ``auto`` keeps the stored dtype (the embedding's); every tensor is written in it.
     """
     nemo_path, out_dir = Path(nemo_path), Path(out_dir)
     if out_dir.exists():
@@ -173,9 +175,10 @@ def nemo_to_hf_checkpoint(nemo_path: str | Path, out_dir: str | Path, *, hf_conf
             dtype = _dtype_name(metadata[EMBEDDING].dtype, source)
         built = dataclasses.replace(shape, vocab_size=rows)  # NeMo may have padded the vocabulary
         with single_process_group():
-            model = build_model(built, MegatronModelConfig(dtype=dtype, layer_spec="local"), device="cpu")
+            model_config = MegatronModelConfig(dtype=dtype, layer_spec="local")
+            model = build_model(built, model_config, device="cpu")
             load_model(model, weights, prefix=PREFIX)
-            state = {k: v for k, v in from_te_names(model.state_dict()).items() if isinstance(v, torch.Tensor)}
+            state = {k: v.to(model_config.torch_dtype) for k, v in from_te_names(model.state_dict()).items() if isinstance(v, torch.Tensor)}
             hf = megatron_to_hf(state, shape, source=source)
         for key in ("model.embed_tokens.weight", "lm_head.weight"):
             if key in hf:
