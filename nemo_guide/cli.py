@@ -220,25 +220,22 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from nemo_guide.convert.errors import ConvertError
 
-    nemo = args.direction in ("hf-to-nemo", "nemo-to-hf")
-    if args.tokenizer is not None and args.direction != "hf-to-nemo":
-        raise ConvertError("--tokenizer is an option of hf-to-nemo only (the tokenizer.type written to model_config.yaml)")
-    if args.hf_config is not None and args.direction not in ("megatron-to-hf", "nemo-to-hf"):
-        raise ConvertError(f"--hf-config is an option of megatron-to-hf and nemo-to-hf, not of {args.direction}")
-    if args.dtype == "auto" and not nemo:
-        raise ConvertError("--dtype auto (keep the stored dtype) is for hf-to-nemo and nemo-to-hf; choose bfloat16, float16 or float32")
+    direction, nemo = args.direction, args.direction in ("hf-to-nemo", "nemo-to-hf")
+    for flag, value, allowed in (("--tokenizer", args.tokenizer, ("hf-to-nemo",)), ("--hf-config", args.hf_config, ("megatron-to-hf", "nemo-to-hf")),
+                                 ("--dtype auto", args.dtype == "auto" or None, ("hf-to-nemo", "nemo-to-hf"))):
+        if value is not None and direction not in allowed:
+            raise ConvertError(f"{flag} is an option of {' and '.join(allowed)}, not of {direction}")
     dtype = args.dtype or ("auto" if nemo else "bfloat16")
     try:
-        from nemo_guide.backends.megatron import checkpoint as mcheckpoint
-        from nemo_guide.backends.megatron import nemo_checkpoint
+        from nemo_guide.backends.megatron import checkpoint as mcheckpoint, nemo_checkpoint
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
     apply_threads(args.threads, "cpu")  # conversion reshapes and casts tensors on CPU
-    if args.direction == "hf-to-megatron":
+    if direction == "hf-to-megatron":
         out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=dtype)
-    elif args.direction == "megatron-to-hf":
+    elif direction == "megatron-to-hf":
         out = mcheckpoint.megatron_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)
-    elif args.direction == "hf-to-nemo":
+    elif direction == "hf-to-nemo":
         out = nemo_checkpoint.hf_to_nemo_checkpoint(args.input, args.output, dtype=dtype, tokenizer=args.tokenizer)
     else:
         out = nemo_checkpoint.nemo_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)

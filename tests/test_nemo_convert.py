@@ -217,6 +217,10 @@ def test_refusals_are_one_line_errors(hf_dirs, nemo_files, tmp_path, capsys):
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((hf_dirs["qwen2"] / name).read_bytes())
     refused(["hf-to-nemo", str(no_tokenizer), str(tmp_path / "w.nemo")], "no tokenizer files")
+    # --tokenizer names one (a directory or a Hub name): written as NeMo's tokenizer.type
+    assert main(["convert", "hf-to-nemo", str(no_tokenizer), str(tmp_path / "w.nemo"), "--tokenizer", "Qwen/Qwen2.5-0.5B"]) == 0
+    assert _model_config(tmp_path / "w.nemo")["tokenizer"]["type"] == "Qwen/Qwen2.5-0.5B"
+    refused(["nemo-to-hf", str(tmp_path / "w.nemo"), str(tmp_path / "o0"), "--tokenizer", "x"], "--tokenizer is an option of hf-to-nemo")
 
     not_tar = tmp_path / "not.nemo"
     not_tar.write_bytes(b"plain text, not a tar archive" * 100)
@@ -230,5 +234,5 @@ def test_refusals_are_one_line_errors(hf_dirs, nemo_files, tmp_path, capsys):
     refused(["nemo-to-hf", str(bare), str(tmp_path / "o2")], "pass --hf-config")
     refused(["nemo-to-hf", str(bare), str(tmp_path / "o3"), "--hf-config", str(hf_dirs["llama"] / "config.json")],
             "model_config.yaml does not describe the model of the Hugging Face config: ffn_hidden_size = 128")
-    refused(["hf-to-megatron", str(hf_dirs["qwen2"]), str(tmp_path / "o4"), "--dtype", "auto"], "--dtype auto")
+    refused(["hf-to-megatron", str(hf_dirs["qwen2"]), str(tmp_path / "o4"), "--dtype", "auto"], "--dtype auto is an option of hf-to-nemo and nemo-to-hf")
     assert not any(p.name.startswith((".o", "o")) for p in tmp_path.iterdir())  # nothing half-written
