@@ -1,6 +1,7 @@
 """``nemo-guide convert hf-to-nemo | nemo-to-hf``: the ``.nemo`` layout NeMo 2.1 restores, its
 ``model_config.yaml``, a bit-exact round trip (weights, config.json, tokenizer files) for a tiny
-random Qwen2 (QKV bias, tied) and Llama (untied, GQA, head_dim != hidden/heads), and the refusals.
+random Qwen2 (QKV bias, tied and untied) and Llama (untied, GQA, head_dim != hidden/heads, Llama 3.1
+RoPE scaling), and the refusals.
 
 That NeMo itself restores these files (weights, logits, tokenizer) is checked in the aligner tier,
 ``tests_aligner/test_nemo_convert.py``.
@@ -42,9 +43,9 @@ def _tokenizer():
 def hf_config(family: str):
     from transformers import LlamaConfig, Qwen2Config
 
-    if family == "qwen2":  # tied embeddings, QKV bias, GQA 4/2
+    if family.startswith("qwen2"):  # QKV bias, GQA 4/2; tied embeddings, or untied as Qwen2.5-7B
         return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=family == "qwen2")
     # untied, GQA 4/2, head_dim 24 != 64/4, Llama 3.1 RoPE scaling
     return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=24, max_position_embeddings=16384, tie_word_embeddings=False,
@@ -60,7 +61,7 @@ def hf_dirs(tmp_path_factory):
 
     out = {}
     tok = _tokenizer()
-    for seed, family in enumerate(("qwen2", "llama")):
+    for seed, family in enumerate(("qwen2", "llama", "qwen2_untied")):
         path = tmp_path_factory.mktemp(f"hf_{family}")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
@@ -89,7 +90,7 @@ def _files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix != ".safetensors"}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen2_untied"])
 def test_hf_nemo_hf_is_bit_exact(hf_dirs, nemo_files, tmp_path, family):
     back = tmp_path / "back"
     assert main(["convert", "nemo-to-hf", str(nemo_files[family]), str(back)]) == 0

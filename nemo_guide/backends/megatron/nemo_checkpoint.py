@@ -124,11 +124,16 @@ def _check_same_model(nemo: dict, shape: ModelShape, source: str) -> None:
         got["num_query_groups"] = heads
     if got.get("kv_channels") is None and heads:
         got["kv_channels"] = nemo.get("hidden_size", 0) // heads
-    got.setdefault("share_embeddings_and_output_weights", True)  # NeMo's default
-    got.setdefault("qkv_bias", False)
+    # NeMo's defaults for keys a config may leave out
+    for key, default in (("share_embeddings_and_output_weights", True), ("qkv_bias", False), ("rotary_base", 10000),
+                         ("scale_positional_embedding", False), ("layernorm_epsilon", 1e-5)):
+        got.setdefault(key, default)
+    expected.update(rotary_base=shape.rope_theta, scale_positional_embedding=shape.rope_llama3_scaling, layernorm_epsilon=shape.rms_norm_eps)
     bad = [f"{k} = {got.get(k)!r} (Hugging Face config: {v!r})" for k, v in expected.items() if got.get(k) != v]
-    if got.get("bias", True):
-        bad.append("bias = True: linear biases beyond q/k/v have no Qwen2/Llama equivalent")
+    for key, default, allowed in (("bias", True, (False,)), ("normalization", "layernorm", ("rmsnorm",)),
+                                  ("activation", "gelu", ("fast-swiglu", "swiglu")), ("position_embedding_type", "learned_absolute", ("rope",))):
+        if nemo.get(key, default) not in allowed:
+            bad.append(f"{key} = {nemo.get(key, default)!r}: a Qwen2/Llama model has {allowed[0]!r}")
     if bad:
         raise ConvertError(f"{source}: {MODEL_CONFIG} does not describe the model of the Hugging Face config: " + "; ".join(bad))
 
