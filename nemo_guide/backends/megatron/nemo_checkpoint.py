@@ -31,6 +31,7 @@ from nemo_guide.convert.nemo_file import (
     HF_FILES,
     MODEL_CONFIG,
     MODEL_WEIGHTS,
+    copy_side_files,
     nemo_model_config,
     nemo_weights_dir,
     pack_nemo,
@@ -74,8 +75,10 @@ def hf_to_nemo_checkpoint(hf_dir: str | Path, out_path: str | Path, *, dtype: st
     """Convert a Hugging Face Qwen2/Llama directory into a NeMo 2.1 ``.nemo`` file.
 
     ``dtype``: ``auto`` keeps the checkpoint's dtype (that of its embedding; bit-exact), else
-    ``float32``/``bfloat16``/``float16``; every tensor is written in it. ``tokenizer``: the ``tokenizer.type`` NeMo will load (default: ``hf_dir``,
-    made absolute). One CPU process; peak memory about twice the model, disk about twice the file.
+    ``float32``/``bfloat16``/``float16``; every tensor is written in it. ``tokenizer``: the
+    ``tokenizer.type`` NeMo will load (default: ``hf_dir``, made absolute); the tokenizer files
+    of ``hf_dir`` travel inside the file either way. One CPU process; peak memory about twice the
+    model, disk about twice the file.
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if out_path.exists():
@@ -97,10 +100,7 @@ def hf_to_nemo_checkpoint(hf_dir: str | Path, out_path: str | Path, *, dtype: st
             save_model(model, staging / MODEL_WEIGHTS, prefix=PREFIX)
         write_model_config(nemo_model_config(shape, config, dtype=dtype, tokenizer=tokenizer), staging / MODEL_CONFIG)
         shutil.copy2(hf_dir / "config.json", staging / HF_CONFIG)
-        (staging / HF_FILES).mkdir()
-        for name in SIDE_FILES:
-            if (hf_dir / name).is_file():
-                shutil.copy2(hf_dir / name, staging / HF_FILES / name)
+        copy_side_files(hf_dir, staging / HF_FILES, SIDE_FILES)
         return pack_nemo(staging, out_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
