@@ -218,15 +218,27 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from nemo_guide.convert.errors import ConvertError
+
+    direction, nemo = args.direction, args.direction in ("hf-to-nemo", "nemo-to-hf")
+    for flag, value, allowed in (("--tokenizer", args.tokenizer, ("hf-to-nemo",)), ("--hf-config", args.hf_config, ("megatron-to-hf", "nemo-to-hf")),
+                                 ("--dtype auto", args.dtype == "auto" or None, ("hf-to-nemo", "nemo-to-hf"))):
+        if value is not None and direction not in allowed:
+            raise ConvertError(f"{flag} is an option of {' and '.join(allowed)}, not of {direction}")
+    dtype = args.dtype or ("auto" if nemo else "bfloat16")
     try:
-        from nemo_guide.backends.megatron import checkpoint as mcheckpoint
+        from nemo_guide.backends.megatron import checkpoint as mcheckpoint, nemo_checkpoint
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
     apply_threads(args.threads, "cpu")  # conversion reshapes and casts tensors on CPU
-    if args.direction == "hf-to-megatron":
-        out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=args.dtype)
+    if direction == "hf-to-megatron":
+        out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=dtype)
+    elif direction == "megatron-to-hf":
+        out = mcheckpoint.megatron_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)
+    elif direction == "hf-to-nemo":
+        out = nemo_checkpoint.hf_to_nemo_checkpoint(args.input, args.output, dtype=dtype, tokenizer=args.tokenizer)
     else:
-        out = mcheckpoint.megatron_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=args.dtype)
+        out = nemo_checkpoint.nemo_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)
     print(f"wrote {out}")
     return 0
 
@@ -300,12 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2, help="verifier processes")
     q.set_defaults(func=_cmd_data_prepare, parser=q)
 
-    p = sub.add_parser("convert", help="Hugging Face (Qwen2/Llama) <-> Megatron-core distributed checkpoint (needs the megatron extra)")
-    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
-    p.add_argument("input", help="a Hugging Face model directory, or a distributed checkpoint directory")
-    p.add_argument("output", help="a new directory (never overwritten)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype written (default bfloat16)")
-    p.add_argument("--hf-config", default=None, help="megatron-to-hf: the model's config.json, if the checkpoint has no hf_config.json")
+    p = sub.add_parser("convert", help="Hugging Face (Qwen2/Llama) <-> Megatron-core distributed checkpoint or NeMo 2.1 .nemo file (needs the megatron extra)")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf", "hf-to-nemo", "nemo-to-hf"])
+    p.add_argument("input", help="a Hugging Face model directory, a distributed checkpoint directory or a .nemo file")
+    p.add_argument("output", help="a new directory or .nemo file (never overwritten)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
+                   help="weight dtype written (default: bfloat16 for the Megatron directions; auto, the stored dtype, for the .nemo ones)")
+    p.add_argument("--hf-config", default=None, help="megatron-to-hf / nemo-to-hf: the model's config.json, if the checkpoint holds none")
+    p.add_argument("--tokenizer", default=None, help="hf-to-nemo: the tokenizer NeMo loads (model_config.yaml tokenizer.type): a directory or Hub name (default: the input directory, absolute)")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_convert, parser=p)
 

@@ -2,7 +2,8 @@
 
 Pure tensor code (torch + safetensors): it imports neither transformers nor Megatron.
 The Megatron distributed-checkpoint I/O that uses these maps lives in
-``nemo_guide.backends.megatron.checkpoint``.
+``nemo_guide.backends.megatron.checkpoint`` (and, for ``.nemo`` files, whose layout and
+config ``nemo_file`` describes, ``nemo_guide.backends.megatron.nemo_checkpoint``).
 """
 
 from nemo_guide.convert.hf_io import load_hf_state_dict, save_hf_checkpoint

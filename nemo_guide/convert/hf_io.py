@@ -44,10 +44,11 @@ def load_hf_state_dict(model_dir: str | Path) -> StateDict:
 
 
 def save_hf_checkpoint(out_dir: str | Path, state: StateDict, config: dict, *, copy_from: str | Path | None = None,
-                       max_shard_bytes: int = 5 * 2**30) -> Path:
+                       max_shard_bytes: int = 5 * 2**30, config_file: str | Path | None = None) -> Path:
     """Write ``state`` and ``config`` as a Hugging Face directory (sharded above ``max_shard_bytes``).
 
     Refuses to overwrite an existing ``out_dir``. Tokenizer files are copied from ``copy_from``.
+    With ``config_file``, that file is copied byte for byte as ``config.json`` instead of ``config``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -75,7 +76,10 @@ def save_hf_checkpoint(out_dir: str | Path, state: StateDict, config: dict, *, c
             weight_map.update({key: name for key in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if config_file is not None:
+        shutil.copy2(config_file, tmp / "config.json")
+    else:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if copy_from is not None:
         for name in SIDE_FILES:
             if (Path(copy_from) / name).is_file():

@@ -15,8 +15,9 @@ goes inside its forward step and around its batches:
   weights sharded for this rank, the stage forward without the output layer
   (``hidden_states``) and the output layer's shard (``output_weight``);
 - ``checkpoint``: Megatron-core distributed checkpoints <-> Hugging Face directories
-  (``nemo-guide convert``).
+  (``nemo-guide convert``);
+- ``nemo_checkpoint``: NeMo 2.1 ``.nemo`` files <-> Hugging Face directories, without NeMo.
 
-Importing this package is cheap; ``model`` and ``checkpoint`` need
+Importing this package is cheap; ``model``, ``checkpoint`` and ``nemo_checkpoint`` need
 ``pip install -e '.[megatron]'``.
 """

@@ -63,11 +63,12 @@ def _refuse_existing(path: Path) -> None:
         raise FileExistsError(f"{path} exists; choose a new output directory (nothing is overwritten)")
 
 
-def save_model(model: GPTModel, directory: str | Path) -> None:
+def save_model(model: GPTModel, directory: str | Path, *, prefix: str = "") -> None:
     """Write ``model`` (every rank's part; call on all ranks) as a distributed checkpoint.
 
-    The checkpoint is written to ``<directory>.tmp`` and renamed by rank 0, so a crash never
-    leaves a half-written checkpoint under ``directory``. Refuses an existing ``directory``.
+    Every key starts with ``prefix`` (``"model."`` in a ``.nemo``, as NeMo's ``MegatronGPTModel``
+    names them). The checkpoint is written to ``<directory>.tmp`` and renamed by rank 0, so a
+    crash never leaves a half-written checkpoint under ``directory``. Refuses an existing ``directory``.
     """
     directory = Path(directory)
     _refuse_existing(directory)
@@ -76,19 +77,21 @@ def save_model(model: GPTModel, directory: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=_save_strategy())
+    dist_checkpointing.save(model.sharded_state_dict(prefix=prefix), str(tmp), sharded_strategy=_save_strategy())
     dist.barrier()
     if dist.get_rank() == 0:
         os.replace(tmp, directory)
     dist.barrier()
 
 
-def load_model(model: GPTModel, directory: str | Path) -> None:
-    """Load a distributed checkpoint into this rank's ``model`` (any TP/PP layout; all ranks)."""
+def load_model(model: GPTModel, directory: str | Path, *, prefix: str = "") -> None:
+    """Load a distributed checkpoint (keys starting with ``prefix``) into this rank's ``model``
+    (any TP/PP layout; all ranks)."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory}: not a Megatron-core distributed checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), str(directory))
+    state = {key[len(prefix):]: value for key, value in state.items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
