@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_guide.aligner.config import GUIDE, guide_config, prompt_limit
 from nemo_guide.config import Config
@@ -50,17 +50,28 @@ class CheckpointTokenizer:
 
 
 def tokenizer_directory(cfg: DictConfig) -> Path:
-    """Where the run's Hugging Face tokenizer files are: ``model.tokenizer.type`` when it is a
-    directory, else the tokenizer bundled in the ``.nemo`` (``nemo-guide convert hf-to-nemo``)."""
-    tok = cfg.model.get("tokenizer") or {}
-    if tok.get("library") == "huggingface" and tok.get("type") and Path(str(tok.type)).is_dir():
-        return Path(str(tok.type))
-    restore = cfg.get("pretrained_checkpoint", {}).get("restore_from_path")
-    if restore:
-        from nemo_guide.convert.nemo_file import extract_tokenizer
+    """Where the run's Hugging Face tokenizer files are: ``model.tokenizer.type`` when it names a
+    directory here (from the config, else from the ``.nemo``'s ``model_config.yaml``); otherwise
+    the tokenizer ``nemo-guide convert hf-to-nemo`` bundled in the ``.nemo``, extracted next to
+    the run's logs. ``cfg.model.tokenizer.type`` is set to the directory found, so NeMo loads the
+    same files."""
+    from nemo_guide.convert.nemo_file import extract_tokenizer, read_nemo_config
 
-        return extract_tokenizer(restore)
-    raise RunError("model.tokenizer: no Hugging Face tokenizer directory and no pretrained_checkpoint.restore_from_path to take one from")
+    restore = cfg.get("pretrained_checkpoint", {}).get("restore_from_path")
+    tok = dict(cfg.model.get("tokenizer") or {})
+    if not tok.get("type") and restore:
+        tok = dict(read_nemo_config(Path(str(restore))).get("tokenizer") or {})
+    if tok.get("library", "huggingface") != "huggingface":
+        raise RunError(f"model.tokenizer.library = {tok.get('library')!r}: the Guide trainer reads Hugging Face tokenizers; convert the model with `nemo-guide convert hf-to-nemo`")
+    found = Path(str(tok["type"])) if tok.get("type") and Path(str(tok["type"])).is_dir() else None
+    if found is None:
+        if not restore:
+            raise RunError(f"model.tokenizer.type = {tok.get('type')!r} is not a directory, and there is no pretrained_checkpoint.restore_from_path to take the tokenizer from")
+        log_dir = cfg.get("exp_manager", {}).get("explicit_log_dir") if cfg.get("exp_manager") else None
+        found = extract_tokenizer(Path(str(restore)), Path(str(log_dir or ".")) / "nemo_tokenizer")
+    with open_dict(cfg.model):
+        cfg.model.tokenizer = {**tok, "library": "huggingface", "type": str(found.resolve())}
+    return found
 
 
 def prepare(cfg: DictConfig, *, source: str) -> tuple[Config, PromptSet, PromptSet | None]:

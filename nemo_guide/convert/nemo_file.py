@@ -247,3 +247,38 @@ def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def read_nemo_config(path: Path) -> dict[str, Any]:
+    """The ``model_config.yaml`` of a ``.nemo`` file, read without extracting the weights."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            member = next((m for m in tar.getmembers() if m.name in (MODEL_CONFIG, f"./{MODEL_CONFIG}")), None)
+            if member is None:
+                raise ConvertError(f"{path}: no {MODEL_CONFIG} inside; is it a NeMo 2.1 .nemo file?")
+            return OmegaConf.to_container(OmegaConf.create(tar.extractfile(member).read().decode("utf-8")), resolve=True)
+    except (tarfile.TarError, OSError) as exc:
+        raise ConvertError(f"{path}: cannot be read as a .nemo (tar) file: {exc}") from None
+
+
+def extract_tokenizer(path: Path, out_folder: Path) -> Path:
+    """The Hugging Face tokenizer files bundled under ``./hf/`` by ``hf-to-nemo``, extracted into
+    ``out_folder`` (only those members, safely); returns ``out_folder``.
+
+    Raises:
+        ConvertError: the file has no ``hf/`` folder (written by another converter: point
+            ``model.tokenizer.type`` at the tokenizer directory instead).
+    """
+    path = Path(path)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.lstrip("./").startswith(f"{HF_FILES}/")]
+            if not members:
+                raise ConvertError(f"{path}: no bundled tokenizer ({HF_FILES}/); set model.tokenizer.type to the model's Hugging Face tokenizer directory")
+            out_folder.mkdir(parents=True, exist_ok=True)
+            for m in members:
+                m.name = m.name.lstrip("./")[len(HF_FILES) + 1 :]
+                tar.extract(m, out_folder, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise ConvertError(f"{path}: cannot be read as a .nemo (tar) file: {exc}") from None
+    return out_folder
