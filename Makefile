@@ -9,6 +9,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,hf,megatron,triton
 PYTEST_ARGS ?=
+ALIGNER_PYTEST_ARGS ?=
 # Where `make train` writes its run (run.output_dir).
 RUNS ?= runs
 
@@ -17,7 +18,7 @@ RUNS ?= runs
 ALIGNER_VENV ?= .venv-aligner
 ALIGNER_PINS ?= constraints/aligner-cpu.txt
 
-.PHONY: install lint test train clean install-aligner test-aligner
+.PHONY: install lint test test-default train clean install-aligner test-aligner aligner-demo
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -43,16 +44,29 @@ $(ALIGNER_VENV)/.installed: $(ALIGNER_PINS) setup.cfg pyproject.toml
 
 install-aligner: $(ALIGNER_VENV)/.installed
 
-# The NeMo-Aligner tier's tests (tests_aligner/), after the default suite in .ci/run.
+# The NeMo-Aligner tier's tests (tests_aligner/); `make test` runs it after the default suite.
 test-aligner: install-aligner
-	$(ALIGNER_VENV)/bin/python -m pytest tests_aligner $(PYTEST_ARGS)
+	$(ALIGNER_VENV)/bin/python -m pytest tests_aligner $(ALIGNER_PYTEST_ARGS)
+
+# The plugin's CPU main job: builtin:tiny-llama -> .nemo, then Guide-GRPO through NeMo-Aligner
+# (conf/aligner/tiny_cpu.yaml; resumes from runs/aligner/tiny_cpu when it has checkpoints).
+ALIGNER_RUNS ?= runs/aligner
+aligner-demo: install-aligner
+	test -f $(ALIGNER_RUNS)/tiny_llama.nemo || $(ALIGNER_VENV)/bin/nemo-guide convert hf-to-nemo \
+		"$$($(ALIGNER_VENV)/bin/python -c 'from nemo_guide.backends.torch.models import builtin_path; print(builtin_path("builtin:tiny-llama"))')" \
+		$(ALIGNER_RUNS)/tiny_llama.nemo --dtype float32
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGNER_VENV)/bin/python tests_aligner/run_cpu.py --config-path $(CURDIR)/conf/aligner --config-name tiny_cpu \
+		pretrained_checkpoint.restore_from_path=$(ALIGNER_RUNS)/tiny_llama.nemo exp_manager.explicit_log_dir=$(ALIGNER_RUNS)/tiny_cpu
 
 # Lint: the rules of pyproject.toml's [tool.ruff] (bugs, not style), with the ruff of the [dev] extra.
 lint: install
 	$(VENV)/bin/python -m ruff check .
 
-# The default suite (what .ci/run runs): lint first, then everything but GPU tests, which skip themselves.
-test: lint
+# The README's test command (what .ci/run runs): the default suite, then the NeMo-Aligner tier.
+test: test-default test-aligner
+
+# The default suite: lint first, then everything but GPU tests, which skip themselves.
+test-default: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The main job, re-runnable: the previous demo run (with any evaluation saved under its

@@ -1,0 +1,91 @@
+"""The NeMo-Aligner run's config and data checks, before any model is built (no NeMo needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from nemo_guide.aligner.config import guide_config, prompt_limit
+from nemo_guide.config import ConfigError
+from nemo_guide.errors import RunError
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "aligner" / "tiny_cpu.yaml"
+
+
+def _cfg(**changes):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF), resolve=True)
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def test_the_shipped_config_is_valid_and_means_what_the_embedded_one_means():
+    config = guide_config(_cfg())
+    assert config.algorithm.mode == "guide_grpo" and config.algorithm.group_size == 8
+    assert config.data.prompt_batch_size == 12 and config.optim.micro_batch_size == 32 and config.optim.mini_batch_size is None
+    assert prompt_limit(_cfg(), config) == (64, "trainer.guide.data.max_prompt_tokens")
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"trainer.guide.algorithm.grup_size": 4}, "trainer.guide.algorithm.grup_size"),
+        ({"trainer.guide.algorithm.mode": "ppo"}, "algorithm.mode"),
+        ({"trainer.guide.optim": {"lr": 1e-6}}, "set model.optim"),
+        ({"trainer.guide.backend": {}}, "pretrained_checkpoint.restore_from_path"),
+        ({"trainer.guide.run.resume": True}, "exp_manager"),
+        ({"trainer.devices": 6, "model.tensor_model_parallel_size": 4}, "does not divide the world size 6"),
+        ({"model.micro_batch_size": 0}, "model.micro_batch_size"),
+        ({"trainer.guide.generation.max_new_tokens": 4096, "model.encoder_seq_length": 128}, "leaves no room"),
+        ({"model.ppo.trt_llm": {"enable": True, "max_input_len": 100}, "model.encoder_seq_length": 128}, "max_input_len (100)"),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_fix(changes, expected):
+    with pytest.raises(ConfigError) as err:
+        guide_config(_cfg(**changes))
+    assert expected in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        guide_config(_cfg(**{"trainer.guide.algorithm.grup_size": 4, "trainer.devices": 3, "model.tensor_model_parallel_size": 2}))
+    assert "grup_size" in str(err.value) and "does not divide" in str(err.value)
+
+
+def _prepare(tmp_path, **changes):
+    from nemo_guide.aligner.train import prepare
+    from nemo_guide.backends.torch.models import builtin_path
+
+    cfg = OmegaConf.create(_cfg(**changes))
+    cfg.model.tokenizer = {"library": "huggingface", "type": str(builtin_path("builtin:tiny-llama"))}
+    cfg.pretrained_checkpoint.restore_from_path = None
+    cfg.exp_manager.explicit_log_dir = str(tmp_path)
+    cfg.model.encoder_seq_length = 128
+    return prepare(cfg, source="test")
+
+
+def test_prompts_are_tokenised_before_any_model_is_built(tmp_path):
+    config, train, held_out = _prepare(tmp_path)
+    assert len(train.records) > 100 and all(h is not None for h in train.hinted)
+    assert held_out is not None and len(held_out.records) == 140
+    # the checkpoint's tokenizer: characters map to the built-in policy's ids
+    assert train.plain[0].ids[-1] == train.plain[0].text.encode()[-1] - 32 + 4
+
+
+def test_engine_input_too_short_for_hinted_prompts_is_refused_with_the_record(tmp_path):
+    with pytest.raises(RunError, match=r"longer than 12 tokens \(model.ppo.trt_llm.max_input_len\), hinted ones included"):
+        _prepare(tmp_path, **{"model.ppo.trt_llm": {"enable": True, "max_input_len": 12}})
+
+
+def test_records_without_hints_are_refused_while_guiding(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "problem": f"Q:{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    with pytest.raises(RunError, match="has no hint"):
+        _prepare(tmp_path, **{"trainer.guide.data.train": str(data)})
