@@ -8,15 +8,15 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_guide.backends.torch import tiny_llama  # noqa: E402
-from nemo_guide.backends.torch.models import BUILTIN_MODELS, builtin_path, load_adapter  # noqa: E402
-from nemo_guide.backends.torch.tiny import CharTokenizer  # noqa: E402
-from nemo_guide.backends.torch.warmstart import LLAMA_ASSET, probe_accuracy  # noqa: E402
-from nemo_guide.cli import main  # noqa: E402
-from nemo_guide.data import digit_ops  # noqa: E402
-from nemo_guide.errors import RunError  # noqa: E402
+from nemo_guide.backends.torch import tiny_llama
+from nemo_guide.backends.torch.models import BUILTIN_MODELS, builtin_path, load_adapter
+from nemo_guide.backends.torch.tiny import CharTokenizer
+from nemo_guide.backends.torch.warmstart import LLAMA_ASSET, probe_accuracy
+from nemo_guide.cli import main
+from nemo_guide.data import digit_ops
+from nemo_guide.errors import RunError
 
 PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "build.json"}
@@ -121,7 +121,7 @@ def test_shipped_policy_needs_the_hint_for_novel_operators():
 def test_shipped_weights_convert_to_megatron_with_query_groups():
     from nemo_guide.convert import hf_to_megatron, load_hf_state_dict, megatron_to_hf, read_hf_shape, shard_tp, unshard_tp
 
-    shape = read_hf_shape(LLAMA_ASSET)
+    shape, _ = read_hf_shape(LLAMA_ASSET)
     assert (shape.family, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.tie_word_embeddings) == ("llama", 4, 2, 32, False)
     hf = load_hf_state_dict(LLAMA_ASSET)
     mg = hf_to_megatron(hf, shape)
@@ -130,6 +130,9 @@ def test_shipped_weights_convert_to_megatron_with_query_groups():
     merged = unshard_tp([shard_tp(mg, shape, 2, r) for r in range(2)])
     back = megatron_to_hf(merged, shape)
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    # 2 key-value heads: tensor parallelism stops at 2 (the 128-id vocabulary would allow 8)
+    with pytest.raises(ValueError, match="num_key_value_heads = 2 is not divisible by tensor_model_parallel_size = 4"):
+        shard_tp(mg, shape, 4, 0)
 
 
 def test_warmstart_llama_command_writes_a_loadable_directory(tmp_path):
