@@ -108,13 +108,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _builtin_weights(model: str) -> Path:
-    """The packaged weights file of ``builtin:<name>``."""
-    from nemo_guide.backends.torch.models import BUILTIN_MODELS
-    from nemo_guide.errors import RunError
+    """The packaged weights file (or Hugging Face directory) of ``builtin:<name>``."""
+    from nemo_guide.backends.torch.models import builtin_path
 
-    if model not in BUILTIN_MODELS:
-        raise RunError(f"backend.model = {model!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
-    return Path(__file__).resolve().parent / "assets" / BUILTIN_MODELS[model]
+    return builtin_path(model)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -203,17 +200,19 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from nemo_guide.backends.torch.warmstart import ASSET, build_warmstart
+    from nemo_guide.backends.torch.warmstart import ARCHS, build_warmstart
 
     from nemo_guide.errors import RunError
 
+    asset = ARCHS[args.arch].asset
     if (args.out is None) == (not args.overwrite_asset):
+        target = "FILE.safetensors (e.g. --out runs/warmstart.safetensors)" if args.arch == "tiny" else "DIR (e.g. --out runs/tiny_llama)"
         raise RunError(
-            f"warmstart writes to --out FILE.safetensors (e.g. --out runs/warmstart.safetensors); --overwrite-asset replaces the packaged "
-            f"builtin:tiny policy {ASSET} instead. Give exactly one of them"
+            f"warmstart writes to --out {target}; --overwrite-asset replaces the packaged "
+            f"builtin:{'tiny' if args.arch == 'tiny' else 'tiny-llama'} policy {asset} instead. Give exactly one of them"
         )
     apply_threads(args.threads, "cpu")  # the warm start trains on CPU
-    build_warmstart(args.out or ASSET, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    build_warmstart(args.out or asset, arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     return 0
 
 
@@ -244,7 +243,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_guide.backends.torch.warmstart import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS
+    from nemo_guide.backends.torch.warmstart import ARCHS
 
     parser = argparse.ArgumentParser(prog="nemo-guide", description="Guide-GRPO: adaptive guidance for RL of reasoning LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,12 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_convert, parser=p)
 
-    p = sub.add_parser("warmstart", help="build the built-in tiny policy (SFT on the digit-ops task)")
-    p.add_argument("--out", default=None, help="output .safetensors (required unless --overwrite-asset)")
-    p.add_argument("--overwrite-asset", action="store_true", help="replace the packaged builtin:tiny asset (nemo_guide/assets/) instead of --out")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p = sub.add_parser("warmstart", help="build a built-in policy by SFT on the digit-ops task (builtin:tiny; builtin:tiny-llama with --arch llama)")
+    p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: the character-level decoder, one .safetensors file (default); llama: a Hugging Face LlamaForCausalLM directory")
+    p.add_argument("--out", default=None, help="output .safetensors file (tiny) or directory (llama); required unless --overwrite-asset")
+    p.add_argument("--overwrite-asset", action="store_true", help="replace the packaged asset of --arch (nemo_guide/assets/) instead of --out")
+    shipped = "default: the shipped build's (" + "; ".join(f"{a} %s" for a in ARCHS) + ")"
+    p.add_argument("--steps", type=int, default=None, help=shipped % tuple(d.steps for d in ARCHS.values()))
+    p.add_argument("--batch-size", type=int, default=None, help=shipped % tuple(d.batch_size for d in ARCHS.values()))
+    p.add_argument("--lr", type=float, default=None, help=shipped % tuple(d.lr for d in ARCHS.values()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_warmstart, parser=p)

@@ -64,14 +64,14 @@ def model_source(
         backend_model: ``backend.model``: ``builtin:<name>``, a ``.safetensors`` file of the
             tiny model, or a Hugging Face model directory (its ``*.safetensors``).
         checkpoint: a checkpoint directory whose ``model.safetensors`` is evaluated instead.
-        builtin_file: the packaged weights of a ``builtin:`` model.
+        builtin_file: the packaged weights file (or Hugging Face directory) of a ``builtin:`` model.
 
     Raises:
         RunError: no weights where ``backend.model`` or ``checkpoint`` points.
     """
     model = backend_model
     if builtin_file is not None:
-        files = [builtin_file]
+        files = sorted(Path(builtin_file).glob("*.safetensors")) if Path(builtin_file).is_dir() else [builtin_file]
     else:
         model = str(Path(backend_model).resolve())
         files = [Path(model)] if Path(model).is_file() else sorted(Path(model).glob("*.safetensors"))

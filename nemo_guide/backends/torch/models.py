@@ -1,4 +1,5 @@
-"""Model adapters of the torch backend: the built-in tiny decoder and Hugging Face causal LMs.
+"""Model adapters of the torch backend: the built-in tiny decoder and Hugging Face causal LMs
+(``builtin:tiny-llama`` among them).
 
 An adapter gives the backend four things: tokenization (``encode``/``decode``, pad and
 EOS ids), final hidden states for a padded batch (``hidden``), the output-layer weight
@@ -17,7 +18,31 @@ from torch import nn
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny, sampling_step
 from nemo_guide.errors import RunError
 
-BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors"}
+BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors", "builtin:tiny-llama": "tiny_llama_digit_ops"}
+"""``backend.model`` names of the packaged policies -> their file or directory in ``nemo_guide/assets/``:
+``builtin:tiny`` the character-level decoder (``tiny.py``), ``builtin:tiny-llama`` a Hugging
+Face ``LlamaForCausalLM`` directory with the same character vocabulary (``tiny_llama.py``)."""
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def builtin_path(name: str) -> Path:
+    """The packaged file (``builtin:tiny``) or Hugging Face directory (``builtin:tiny-llama``) of a
+    built-in policy; ``name`` with or without the ``builtin:`` prefix.
+
+    The NeMo-Aligner side converts ``builtin_path("tiny-llama")`` to a ``.nemo`` checkpoint.
+
+    Raises:
+        RunError: an unknown name (the message lists the built-in ones).
+        FileNotFoundError: the asset is missing from this installation.
+    """
+    key = name if name.startswith("builtin:") else f"builtin:{name}"
+    if key not in BUILTIN_MODELS:
+        raise RunError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
+    path = ASSETS / BUILTIN_MODELS[key]
+    if not path.exists():
+        arch = " --arch llama" if path.suffix != ".safetensors" else ""
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart{arch} --overwrite-asset` (see README)")
+    return path
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -60,41 +85,53 @@ class TinyAdapter:
 class HFAdapter:
     kind = "hf"
 
-    def __init__(self, directory: str, dtype: torch.dtype, device: torch.device) -> None:
-        try:
-            import transformers
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError as exc:
-            raise ImportError("Hugging Face models need the 'hf' extra: pip install -e '.[hf]'") from exc
-        path = Path(directory)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"backend.model = {directory!r}: not a Hugging Face model directory (no config.json); "
-                "give a local directory with config.json, safetensors weights and a tokenizer, or builtin:tiny"
-            )
-        self.source = directory
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        kwargs = {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
-        # use_safetensors: never unpickle a .bin checkpoint.
-        self.model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs).to(device)
-        config = self.model.config
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str) -> None:
+        """A Hugging Face causal LM and its tokenizer (:meth:`load` reads them from a directory)."""
+        self.source = source
+        self.tokenizer = tokenizer
+        self.model = model
+        config = model.config
         if getattr(config, "final_logit_softcapping", None):
-            raise RunError(f"{directory}: final_logit_softcapping is not supported by the fused log-prob path")
-        head = self.model.get_output_embeddings()
+            raise RunError(f"{source}: final_logit_softcapping is not supported by the fused log-prob path")
+        head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise RunError(f"{directory}: an output layer with a bias is not supported by the fused log-prob path")
-        eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            raise RunError(f"{source}: an output layer with a bias is not supported by the fused log-prob path")
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
         self.eos_ids = tuple(sorted(e for e in eos if e is not None))
         if not self.eos_ids:
-            raise RunError(f"{directory}: the tokenizer has no eos_token; set one in tokenizer_config.json")
-        pad = self.tokenizer.pad_token_id
+            raise RunError(f"{source}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+        pad = tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
         self.max_length = int(getattr(config, "max_position_embeddings", 1 << 30))
 
+    @classmethod
+    def load(cls, directory: str | Path, dtype: torch.dtype, device: torch.device, source: str | None = None) -> "HFAdapter":
+        """The model and tokenizer of a local Hugging Face directory (safetensors weights only)."""
+        from nemo_guide.backends.torch import _hf
+
+        path = Path(directory)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backend.model = {str(directory)!r}: not a Hugging Face model directory (no config.json); "
+                "give a local directory with config.json, safetensors weights and a tokenizer, or builtin:tiny"
+            )
+        tokenizer = _hf.AutoTokenizer.from_pretrained(str(path))
+        kwargs = {"dtype": dtype} if _hf.TRANSFORMERS_MAJOR >= 5 else {"torch_dtype": dtype}
+        # use_safetensors: never unpickle a .bin checkpoint.
+        model = _hf.AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **kwargs).to(device)
+        return cls(model, tokenizer, str(directory) if source is None else source)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        try:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception as exc:  # the tokenizers library raises a bare Exception for text it cannot map
+            if type(exc) is not Exception:
+                raise
+            vocab = self.tokenizer.get_vocab()
+            bad = sorted({ch for ch in text if ch not in vocab})
+            raise ValueError(f"the tokenizer of {self.source} cannot encode {bad or text[:80]!r} in {text[:80]!r} ({exc})") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -123,16 +160,14 @@ class HFAdapter:
 
 
 def load_adapter(name: str, dtype: torch.dtype, device: torch.device):
-    """``builtin:tiny``, a ``.safetensors`` file written by the tiny model, or an HF directory."""
+    """``builtin:<name>``, a ``.safetensors`` file written by the tiny model, or an HF directory."""
     if name.startswith("builtin:"):
-        if name not in BUILTIN_MODELS:
-            raise RunError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
-        path = Path(__file__).resolve().parents[2] / "assets" / BUILTIN_MODELS[name]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart` (see README)")
+        path = builtin_path(name)
+        if path.is_dir():
+            return HFAdapter.load(path, dtype, device, source=name)
         model, _ = load_tiny(path)
         return TinyAdapter(model.to(device=device, dtype=dtype), name)
     if name.endswith(".safetensors"):
         model, _ = load_tiny(name)
         return TinyAdapter(model.to(device=device, dtype=dtype), name)
-    return HFAdapter(name, dtype, device)
+    return HFAdapter.load(name, dtype, device)

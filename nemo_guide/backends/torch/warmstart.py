@@ -1,12 +1,23 @@
-"""Build the embedded default policy: SFT of the tiny decoder on the digit-ops mixture.
+"""Build the embedded default policies: SFT on the digit-ops mixture.
 
-``nemo-guide warmstart`` (or :func:`build_warmstart`) trains a fresh :class:`TinyDecoder` on
-:func:`nemo_guide.data.digit_ops.sft_example` and writes one safetensors file. The package
-ships the result as ``nemo_guide/assets/tiny_digit_ops.safetensors`` (``builtin:tiny``);
-its metadata records the command's arguments, the task version and the accuracies the
-probe measured, so a stale file is detected (``tests/test_builtin.py``). The probe (greedy
-decoding of 5 x 64 fresh problems) costs more than a short build; ``probe=False`` skips
-it, and the record then says so.
+``nemo-guide warmstart`` (or :func:`build_warmstart`) trains a fresh model on
+:func:`nemo_guide.data.digit_ops.sft_example`, for one of two architectures (``--arch``):
+
+- ``tiny`` (default): the :class:`TinyDecoder`, written as one safetensors file. The
+  package ships it as ``nemo_guide/assets/tiny_digit_ops.safetensors`` (``builtin:tiny``);
+  its metadata records the command's arguments, the task version and the probe accuracies.
+- ``llama``: a Hugging Face ``LlamaForCausalLM`` with a character-level tokenizer
+  (``tiny_llama.py``), written as a Hugging Face directory whose ``build.json`` holds the
+  same record. The package ships it as ``nemo_guide/assets/tiny_llama_digit_ops/``
+  (``builtin:tiny-llama``), the weights the NeMo-Aligner/Megatron path converts.
+
+Both go through the embedded backend's model adapters (``models.py``): one SFT loss on
+final hidden states and the output weight, one greedy probe through ``sampling.generate``.
+Prompts are encoded with ``add_special_tokens=True`` as the backend encodes plain prompts
+(the Llama tokenizer prepends ``<bos>``, the tiny one adds nothing), solutions without.
+A stale build is detected by ``tests/test_builtin.py`` and ``tests/test_tiny_llama.py``.
+The probe (greedy decoding of 5 x 64 fresh problems) costs more than a short build;
+``probe=False`` skips it, and the record then says so.
 """
 
 from __future__ import annotations
@@ -15,25 +26,59 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from nemo_guide.backends.torch.models import ASSETS, BUILTIN_MODELS, HFAdapter, TinyAdapter
 from nemo_guide.backends.torch.sampling import generate, right_pad
-from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, sampling_step, save_tiny
+from nemo_guide.backends.torch.tiny import CharTokenizer, TinyConfig, TinyDecoder, save_tiny
 from nemo_guide.data import digit_ops
+from nemo_guide.errors import RunError
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny_digit_ops.safetensors"
-DEFAULT_STEPS = 2500
-DEFAULT_BATCH = 64
-DEFAULT_LR = 2e-3
+ASSET = ASSETS / BUILTIN_MODELS["builtin:tiny"]
+LLAMA_ASSET = ASSETS / BUILTIN_MODELS["builtin:tiny-llama"]
+
+
+@dataclass(frozen=True)
+class ArchDefaults:
+    """The shipped build's settings of one ``--arch``."""
+
+    asset: Path
+    steps: int
+    batch_size: int
+    lr: float
+
+
+ARCHS = {
+    "tiny": ArchDefaults(ASSET, steps=2500, batch_size=64, lr=2e-3),
+    "llama": ArchDefaults(LLAMA_ASSET, steps=2000, batch_size=64, lr=2e-3),
+}
+"""``--arch`` -> where its asset lives and the settings it was built with."""
+DEFAULT_STEPS = ARCHS["tiny"].steps
+DEFAULT_BATCH = ARCHS["tiny"].batch_size
+DEFAULT_LR = ARCHS["tiny"].lr
 PROBE_N = 64
 PROBE_SEED = 12345
 
+Adapter = TinyAdapter | HFAdapter
 
-def sft_batch(rng: random.Random, batch_size: int, tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def fresh_adapter(arch: str) -> Adapter:
+    """A freshly initialised model of ``arch`` with its tokenizer (seed torch first)."""
+    if arch == "tiny":
+        return TinyAdapter(TinyDecoder(TinyConfig(vocab_size=CharTokenizer().vocab_size)), "warmstart")
+    if arch == "llama":
+        from nemo_guide.backends.torch import tiny_llama
+
+        return HFAdapter(tiny_llama.new_model(), tiny_llama.new_tokenizer(), "warmstart --arch llama")
+    raise RunError(f"warmstart --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def sft_batch(rng: random.Random, batch_size: int, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ids [B, T], attention_mask [B, T], loss_mask [B, T])`` for next-token SFT.
 
     ``loss_mask[b, t]`` is True where token ``t + 1`` is a solution or EOS token.
@@ -41,29 +86,35 @@ def sft_batch(rng: random.Random, batch_size: int, tok: CharTokenizer) -> tuple[
     seqs, starts = [], []
     for _ in range(batch_size):
         _, prompt, solution = digit_ops.sft_example(rng)
-        p = tok.encode(prompt)
-        seqs.append(p + tok.encode(solution) + [tok.eos_token_id])
+        p = adapter.encode(prompt, True)
+        seqs.append(p + adapter.encode(solution, False) + [adapter.eos_ids[0]])
         starts.append(len(p))
-    ids, mask = right_pad(seqs, tok.pad_token_id)
+    ids, mask = right_pad(seqs, adapter.pad_id)
     positions = torch.arange(ids.shape[1])[None, :]  # [1, T]
     target_pos = positions + 1
     loss_mask = (target_pos >= torch.tensor(starts)[:, None]) & (target_pos < mask.sum(-1, keepdim=True))
     return ids, mask, loss_mask
 
 
-def sft_loss(model: TinyDecoder, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    hidden, _ = model(ids, mask)
-    logits = hidden[:, :-1] @ model.output_weight.T  # [B, T-1, V]
+def sft_loss(adapter: Adapter, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over ``loss_mask``. ``ids``, ``mask``, ``loss_mask``: Shape: ``[B, T]``."""
+    hidden = adapter.hidden(adapter.model, ids, mask)  # [B, T, H]
+    logits = hidden[:, :-1] @ adapter.output_weight(adapter.model).T  # [B, T-1, V]
     nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
     m = loss_mask[:, :-1].float()
     return (nll * m).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()
-def probe_accuracy(model: TinyDecoder, n: int = PROBE_N, seed: int = PROBE_SEED) -> dict[str, float]:
-    """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted."""
-    tok = CharTokenizer()
+def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = PROBE_SEED) -> dict[str, float]:
+    """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted.
+
+    ``policy``: a :class:`TinyDecoder` or an adapter of ``models.py`` (``load_adapter``).
+    """
+    adapter = TinyAdapter(policy, "probe") if isinstance(policy, TinyDecoder) else policy
+    model = adapter.model
     rng = random.Random(seed)
+    was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     cases = {
@@ -76,40 +127,50 @@ def probe_accuracy(model: TinyDecoder, n: int = PROBE_N, seed: int = PROBE_SEED)
     for name, (ops, hinted) in cases.items():
         records = [digit_ops.make_record(rng.choice(list(ops)), rng.randrange(100), rng.randrange(100), "probe") for _ in range(n)]
         prompts = [
-            tok.encode(digit_ops.HINT_TEMPLATE.replace("{hint}", r.hint).replace("{problem}", r.problem) if hinted else r.problem)
+            adapter.encode(digit_ops.HINT_TEMPLATE.replace("{hint}", r.hint).replace("{problem}", r.problem) if hinted else r.problem, True)
             for r in records
         ]
-        responses, _ = generate(
-            sampling_step(model), prompts, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], max_new_tokens=64, temperature=0.0
-        )
-        correct = [tok.decode(resp).rsplit(digit_ops.ANSWER_MARKER, 1)[-1] == r.answer for resp, r in zip(responses, records, strict=True)]
+        responses, _ = generate(adapter.step(model), prompts, pad_id=adapter.pad_id, eos_ids=adapter.eos_ids, max_new_tokens=64, temperature=0.0)
+        correct = [adapter.decode(resp).rsplit(digit_ops.ANSWER_MARKER, 1)[-1] == r.answer for resp, r in zip(responses, records, strict=True)]
         out[name] = sum(correct) / n
-    model.train()
+    model.train(was_training)
     return out
 
 
 def build_warmstart(
-    out: str | Path = ASSET,
+    out: str | Path | None = None,
     *,
-    steps: int = DEFAULT_STEPS,
-    batch_size: int = DEFAULT_BATCH,
-    lr: float = DEFAULT_LR,
+    arch: str = "tiny",
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
     seed: int = 0,
     probe: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train the warm-start policy and write it to ``out``; returns the build record.
+    """Train the warm-start policy of ``arch`` and write it to ``out``; returns the build record.
 
     Args:
+        out: a ``.safetensors`` file (``tiny``) or a directory (``llama``); default: the
+            packaged asset of ``arch`` (``ARCHS[arch].asset``).
+        steps, batch_size, lr: default: the shipped build's (``ARCHS[arch]``).
         probe: measure greedy accuracy on fresh problems afterwards (:func:`probe_accuracy`)
             and record it in ``probe_accuracy``. ``nemo-guide warmstart`` always probes (the
             shipped asset's record is checked against it); ``False`` skips it, and the
             record's ``probe`` field says it was skipped and ``probe_accuracy`` is null.
     """
+    if arch not in ARCHS:
+        raise RunError(f"warmstart --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    defaults = ARCHS[arch]
+    out = defaults.asset if out is None else out
+    steps = defaults.steps if steps is None else steps
+    batch_size = defaults.batch_size if batch_size is None else batch_size
+    lr = defaults.lr if lr is None else lr
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tok = CharTokenizer()
-    model = TinyDecoder(TinyConfig(vocab_size=tok.vocab_size))
+    adapter = fresh_adapter(arch)
+    model = adapter.model
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, min(100, steps // 10))
 
@@ -122,8 +183,8 @@ def build_warmstart(
     start = time.perf_counter()
     loss_value = float("nan")
     for i in range(steps):
-        ids, mask, loss_mask = sft_batch(rng, batch_size, tok)
-        loss = sft_loss(model, ids, mask, loss_mask)
+        ids, mask, loss_mask = sft_batch(rng, batch_size, adapter)
+        loss = sft_loss(adapter, ids, mask, loss_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,15 +195,16 @@ def build_warmstart(
             log(f"warmstart step {i + 1}/{steps}  loss {loss_value:.4f}  {time.perf_counter() - start:.0f}s")
     seconds = time.perf_counter() - start
     if probe:
-        accuracy = probe_accuracy(model)
+        accuracy = probe_accuracy(adapter)
         probe_note = f"greedy accuracy on {PROBE_N} fresh problems per case, seed {PROBE_SEED}"
         log("warmstart greedy accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
     else:
         accuracy = None
         probe_note = "skipped (build_warmstart(probe=False)): no accuracy measured"
         log("warmstart: accuracy probe skipped")
+    parameters = sum(p.numel() for p in model.parameters())
     record = {
-        "command": f"nemo-guide warmstart --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
+        "command": f"nemo-guide warmstart{' --arch llama' if arch == 'llama' else ''} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -151,8 +213,15 @@ def build_warmstart(
         "train_seconds": round(seconds, 1),
         "probe": probe_note,
         "probe_accuracy": accuracy,
-        "parameters": model.num_parameters(),
+        "parameters": parameters,
     }
-    save_tiny(out, model, {"task_version": str(digit_ops.TASK_VERSION), "build": json.dumps(record, sort_keys=True)})
-    log(f"wrote {out} ({model.num_parameters():,} parameters, {seconds:.0f}s)")
+    if arch == "tiny":
+        save_tiny(out, model, {"task_version": str(digit_ops.TASK_VERSION), "build": json.dumps(record, sort_keys=True)})
+    else:
+        from nemo_guide.backends.torch import tiny_llama
+
+        total = round(time.perf_counter() - start, 1)
+        record.update(arch=arch, task_version=digit_ops.TASK_VERSION, torch_threads=torch.get_num_threads(), train_and_probe_seconds=total)
+        tiny_llama.save_tiny_llama(out, model, record)
+    log(f"wrote {out} ({parameters:,} parameters, {seconds:.0f}s)")
     return record

@@ -1,0 +1,30 @@
+"""The one guarded import of transformers and tokenizers (the ``hf`` extra) in the torch backend."""
+
+from __future__ import annotations
+
+try:
+    import transformers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("Hugging Face models need the 'hf' extra: pip install -e '.[hf]'") from exc
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+"""5 renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=...``."""
+
+__all__ = [
+    "AddedToken",
+    "AutoModelForCausalLM",
+    "AutoTokenizer",
+    "GenerationConfig",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "Regex",
+    "TRANSFORMERS_MAJOR",
+    "Tokenizer",
+    "decoders",
+    "models",
+    "pre_tokenizers",
+    "processors",
+    "transformers",
+]
