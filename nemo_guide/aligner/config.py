@@ -69,9 +69,9 @@ def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
     data = {name: dict(guide.get(name) or {}) for name in GUIDE_SECTIONS if name in guide}
     data["optim"] = {"mini_batch_size": guide.get("mini_batch_size"), "micro_batch_size": micro}
     try:
-        config = config_from_dict(data, source=source)
+        config = config_from_dict(data)
     except ConfigError as exc:
-        problems += [p if p.startswith(GUIDE) else f"{GUIDE}.{p}" for p in exc.problems]
+        problems += [_under_guide(p) for p in exc.problems]
         config = None
     problems += _layout_problems(cfg)
     if config is not None:
@@ -79,6 +79,15 @@ def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def _under_guide(problem: str) -> str:
+    """A problem of the embedded config's sections, with its keys spelled ``trainer.guide.<key>``."""
+    for section in (*GUIDE_SECTIONS, "optim"):
+        problem = problem.replace(f"'{section}.", f"'{GUIDE}.{section}.")
+        if problem.startswith(f"{section}."):
+            problem = f"{GUIDE}.{problem}"
+    return problem
 
 
 def _layout_problems(cfg: Mapping[str, Any]) -> list[str]:
