@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nemo_cpu
 
 nemo_cpu.install()
-from nemo_guide.aligner.train import main  # noqa: E402
+from nemo_guide.aligner.train import main
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,10 @@ class AlignerHost:
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = share_of(len(prompts), dp, rank)
         actor = self.actor
+        engine_params = actor.cfg.ppo.sampling_params
+        # TensorRT-LLM's sampling settings are fixed when its engine is built: other settings
+        # (greedy validation) generate with Megatron instead, from the same weights.
+        use_engine = actor.use_trtllm_generation and temperature == float(engine_params.temperature) and top_p == float(engine_params.top_p)
         actor._length_params.update(max_length=max_new_tokens, min_length=0)
         actor._sampling_params.update(use_greedy=temperature == 0, temperature=temperature or 1.0, top_p=top_p, top_k=0)
         responses: list[list[int]] = []
@@ -115,13 +119,22 @@ class AlignerHost:
             # seeded by the chunk's first global prompt: the same on every model-parallel rank, and with
             # rollout_micro_batch_size = 1 the same samples whatever the data-parallel layout
             torch.manual_seed(seed * 1_000_003 + (mine[start] if mine else 0))
-            out = actor.infer({"text": text, "length": lengths})
+            out = self._infer({"text": text, "length": lengths}, use_engine)
             tokens, ends, is_end = out["response_tokens"].cpu(), out["response_lengths"].cpu(), out["is_end"].cpu()
             for i, p in enumerate(part):
                 responses.append(tokens[i, len(p) : int(ends[i])].tolist())
                 finished.append(bool(is_end[i]))
         pairs = gather_in_order(list(zip(responses, finished, strict=True)))
         return [r for r, _ in pairs], [f for _, f in pairs]
+
+    def _infer(self, batch: dict, use_engine: bool) -> dict:
+        if use_engine or not self.actor.use_trtllm_generation:
+            return self.actor.infer(batch)
+        self.actor.use_trtllm_generation = False
+        try:
+            return self.actor.infer(batch)
+        finally:
+            self.actor.use_trtllm_generation = True
 
     # -- Policy: scoring -------------------------------------------------------------------
 

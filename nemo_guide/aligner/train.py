@@ -14,6 +14,7 @@ REINFORCE (one process per GPU under ``srun``/``torchrun``). In order:
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,23 @@ def tokenizer_directory(cfg: DictConfig) -> Path:
 
 
 def prepare(cfg: DictConfig, *, source: str) -> tuple[Config, PromptSet, PromptSet | None]:
-    """Steps 1-2: the validated Guide config and the tokenised prompts; builds no model."""
+    """Steps 1-2: the validated Guide config and the tokenised prompts; builds no model.
+
+    ``cfg.model`` becomes the ``.nemo``'s ``model_config.yaml`` overridden by the config's
+    ``model`` section (what Aligner's ``load_and_override_model_config`` does at build time)."""
+    restore = cfg.get("pretrained_checkpoint", {}).get("restore_from_path")
+    if restore:
+        from nemo_guide.convert.nemo_file import read_nemo_config
+
+        base = OmegaConf.create(read_nemo_config(Path(str(restore))))
+        for key in ("target", "nemo_version"):
+            base.pop(key, None)
+        with open_dict(cfg):
+            cfg.model = OmegaConf.merge(base, cfg.model)
     container: Any = OmegaConf.to_container(cfg, resolve=True)
     config = guide_config(container, source=source)
+    if cfg.model.get("ppo", {}).get("trt_llm", {}).get("enable", False) and importlib.util.find_spec("tensorrt_llm") is None:
+        raise RunError("model.ppo.trt_llm.enable = true, but TensorRT-LLM is not installed here (use NeMo-Aligner's image); set it false to generate with Megatron")
     tokenizer = CheckpointTokenizer(tokenizer_directory(cfg), int(cfg.model.encoder_seq_length))
     train_prompts, eval_prompts = load_prompts(config, tokenizer)
     limit, key = prompt_limit(container, config)
