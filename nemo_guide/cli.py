@@ -27,10 +27,9 @@ def make_backend(cfg):
     from nemo_guide.errors import RunError
 
     raise RunError(
-        "backend.name=megatron: `nemo-guide train` runs the embedded torch backend only. The Megatron-core pieces "
-        "(nemo_guide.backends.megatron: GPTModel per rank, response layout and realignment, last-stage fused "
-        "vocab-parallel log-probs, `nemo-guide convert`) are what the NeMo-Aligner plugin composes; that trainer is "
-        "not part of this release yet (see README, 'Scale-out path'). Use backend.name=torch"
+        "backend.name=megatron: `nemo-guide train` runs the embedded torch backend only. Megatron-scale training runs "
+        "through the NeMo-Aligner plugin: `python -m nemo_guide.aligner.train --config-path conf/aligner --config-name <name>` "
+        "(README, 'The NeMo-Aligner plugin'). Use backend.name=torch here"
     )
 
 
