@@ -91,8 +91,6 @@ def prepare(cfg: DictConfig, *, source: str) -> tuple[Config, PromptSet, PromptS
             cfg.model = OmegaConf.merge(base, cfg.model)
     container: Any = OmegaConf.to_container(cfg, resolve=True)
     config = guide_config(container, source=source)
-    if cfg.model.get("ppo", {}).get("trt_llm", {}).get("enable", False) and importlib.util.find_spec("tensorrt_llm") is None:
-        raise RunError("model.ppo.trt_llm.enable = true, but TensorRT-LLM is not installed here (use NeMo-Aligner's image); set it false to generate with Megatron")
     tokenizer = CheckpointTokenizer(tokenizer_directory(cfg), int(cfg.model.encoder_seq_length))
     train_prompts, eval_prompts = load_prompts(config, tokenizer)
     limit, key = prompt_limit(container, config)
@@ -110,6 +108,8 @@ def run(cfg: DictConfig, *, source: str = "config", reward_fn=None, log=print) -
     ``reward_fn`` replaces the configured verifier (tests); it is still run on the
     model-parallel source ranks."""
     config, train_prompts, eval_prompts = prepare(cfg, source=source)
+    if cfg.model.get("ppo", {}).get("trt_llm", {}).get("enable", False) and importlib.util.find_spec("tensorrt_llm") is None:
+        raise RunError("model.ppo.trt_llm.enable = true, but TensorRT-LLM is not installed here (use NeMo-Aligner's image); set it false to generate with Megatron")
     import torch.distributed as dist  # NeMo and Aligner load only once the config and data are known to be good
 
     from nemo_guide.aligner.build import build_actor
