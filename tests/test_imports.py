@@ -103,12 +103,14 @@ def test_convert_is_pure_tensor_code():
             assert name.startswith("nemo_guide.convert"), f"{path}: imports {name}"
 
 
-def test_megatron_and_triton_are_imported_in_one_guarded_place_each():
+def test_megatron_triton_and_transformers_are_imported_in_one_guarded_place_each():
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         roots = {n.split(".")[0] for n in _imports(path)}
         if "megatron" in roots:  # the NeMo-Aligner host runs only where the pinned stack is installed
             assert rel == "backends/megatron/_mcore.py" or rel.startswith("aligner/"), f"{rel} imports megatron"
+        if roots & {"transformers", "tokenizers"}:  # the plugin reads the checkpoint's tokenizer before building NeMo
+            assert rel in ("backends/torch/_hf.py", "aligner/train.py"), f"{rel} imports transformers or tokenizers"
         if "triton" in roots:
             assert rel == "kernels/logprobs_triton.py", f"{rel} imports triton"
     # the fused log-prob op does not pull triton in on CPU
