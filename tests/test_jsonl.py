@@ -219,6 +219,8 @@ NOT_JSONL = {
     ("convert/hf_io.py", "load_hf_state_dict"): "a safetensors index JSON",
     ("backends/megatron/checkpoint.py", "megatron_to_hf_checkpoint"): "a Hugging Face config.json",
     ("backends/torch/tiny.py", "TinyConfig.from_json"): "a config string stored in safetensors metadata",
+    ("backends/torch/tiny_llama.py", "save_tiny_llama"): "the config.json transformers just wrote",
+    ("backends/torch/tiny_llama.py", "read_build"): "build.json: one JSON document",
 }
 
 

@@ -78,6 +78,8 @@ TOKENIZER_CONFIG = {
     "clean_up_tokenization_spaces": False,
     "split_special_tokens": True,
     "padding_side": "left",
+    # no token_type_ids: transformers 4.x's generate() refuses them for Llama
+    "model_input_names": ["input_ids", "attention_mask"],
 }
 """``tokenizer_config.json``, written by hand so transformers 4.x (NeMo containers) and 5.x read it."""
 
