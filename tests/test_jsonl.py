@@ -208,8 +208,6 @@ def test_read_samples_ignores_a_torn_tail_and_names_a_bad_middle_line(tmp_path):
 # not a JSONL file read. A new call fails this test: read JSONL files with read_jsonl.
 NOT_JSONL = {
     ("convert/nemo_file.py", "stored_hf_config"): "a Hugging Face config.json: one JSON document",
-    ("backends/torch/tiny_llama.py", "read_build"): "build.json of the packaged warm start: one JSON document",
-    ("backends/torch/tiny_llama.py", "save_tiny_llama"): "the Hugging Face config.json just written: one JSON document",
     ("aligner/trainer.py", "resume_state"): "the Guide side file of a checkpoint: one JSON document",
     ("hintgen.py", "_post"): "the body of one HTTP reply",
     ("rewards/math.py", "VerifierPool._run"): "one protocol line from the verifier subprocess",
