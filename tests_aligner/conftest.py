@@ -19,11 +19,9 @@ def run_worker(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> l
     """Run ``tests_aligner/workers/<script>`` with ``nproc`` processes; returns each rank's JSON output."""
     out = Path(args[0])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(HERE / "workers" / script), *args]
-    if nproc > 1:
-        from nemo_cpu_port import free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *cmd[1:]]
+    # torchrun --standalone binds its rendezvous port itself (port 0) before the workers start: no
+    # window in which a port picked here could be taken by another process (a world of one too).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(HERE / "workers" / script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
