@@ -57,6 +57,8 @@ RESUMABLE_FIELDS = {
 # what those runs did: a saved config without the field compares as if it held that value.
 ADDED_FIELDS = {
     "data.reward_workers": 1,  # one verifier process, as every run used before the field existed
+    "algorithm.rollout_correction": "none",  # no mismatch correction, as before the field existed
+    "algorithm.tis_cap": 2.0,
 }
 
 

@@ -14,7 +14,8 @@ that every host calls (the NeMo-Aligner trainer calls the same ones):
    (``guided_group=union``, the paper) or its guided rollouts alone (``replace``, guide_rl);
 8. Filter-GRPO only: drop groups whose rewards are all equal;
 9. old log-probs log pi_old(o_t | sampling prompt) (the hinted prompt for guided rollouts),
-   once, before any update;
+   once, before any update (and, with ``algorithm.rollout_correction=tis``, truncated
+   importance weights against the sampler's own log-probs);
 10. ``mu`` epochs of updates with :func:`guide_policy_loss`, new log-probs on the plain
     prompt, so guided rollouts are trained as if sampled without the hint;
 11. log, evaluate, checkpoint (:func:`train`).
@@ -62,6 +63,7 @@ from nemo_guide.steps import (
     trained_rows,
     update,
     with_old_logprobs,
+    with_rollout_correction,
 )
 from nemo_guide.tracking import MetricsLogger, StepReport, plot_training, read_metrics
 
@@ -77,11 +79,12 @@ def algorithm_step(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, los
     algo, k, seed = cfg.algorithm, cfg.algorithm.group_size, cfg.run.seed
     timer = StepTimer("generation", "scoring", "logprobs", "update")
     records = [prompts.records[i] for i in idx]
+    with_logprobs = algo.rollout_correction != "none"  # the sampler's own log-probs, for the correction
 
     # 2-3. k rollouts per prompt from pi_old on the plain prompt, verified.
     plain = sample_and_score(
         backend, backend, reward_fn, [prompts.plain[i] for i in idx], [r.answer for r in records],
-        group_size=k, generation=cfg.generation, seed=step_seed(seed, step, 0), timer=timer,
+        group_size=k, generation=cfg.generation, seed=step_seed(seed, step, 0), timer=timer, with_logprobs=with_logprobs,
     )
     # 4. Prompts for guidance.
     guide = choose_guidance(plain, k, algo)  # [B]
@@ -90,6 +93,7 @@ def algorithm_step(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, los
     guided = sample_and_score(
         backend, backend, reward_fn, [prompts.hinted[i] for i in chosen], [prompts.records[i].answer for i in chosen],
         plain=[prompts.plain[i] for i in chosen], group_size=k, generation=cfg.generation, seed=step_seed(seed, step, 1), timer=timer,
+        with_logprobs=with_logprobs,
     )
     # 7-8. Groups S(q) and their advantages; Filter-GRPO drops groups without signal.
     groups = groups_and_advantages(plain.rewards, guided.rewards, guide, algo)
@@ -97,6 +101,7 @@ def algorithm_step(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, los
     # 9. Old log-probs behind the prompt each rollout was sampled with, before any update.
     with timer("logprobs"):
         batch, entropy = with_old_logprobs(backend, batch, algo)
+        batch, correction = with_rollout_correction(backend, batch, algo)
     # 10. mu epochs of updates scored on the plain prompt (SFT: on the reference solutions).
     with timer("update"):
         trained = sft_batch(backend, [prompts.plain[i] for i in idx], [r.solution for r in records]) if algo.mode == "sft" else trained_rows(batch)
@@ -104,7 +109,7 @@ def algorithm_step(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, los
             backend, trained, loss_fn, epochs=algo.ppo_epochs, mini_batch_size=cfg.optim.mini_batch_size,
             micro_batch_size=cfg.optim.micro_batch_size, with_entropy=algo.entropy_coef > 0, seed=step_seed(seed, step, 2),
         )
-    return step_metrics(plain, guided, guide, groups, entropy, len(trained), updates, timer)
+    return {**step_metrics(plain, guided, guide, groups, entropy, len(trained), updates, timer), **correction}
 
 
 def train(

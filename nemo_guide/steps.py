@@ -25,11 +25,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from nemo_guide.backends.base import Generator, LossFn, Policy, PromptTokenizer, RolloutBatch, Totals
+from nemo_guide.backends.base import Generator, LogprobGenerator, LossFn, Policy, PromptTokenizer, RolloutBatch, Totals
 from nemo_guide.config import AlgorithmConfig, GenerationConfig
 from nemo_guide.core.advantages import equal_reward_groups, group_advantages
 from nemo_guide.core.guidance import assemble_groups, select_for_guidance
 from nemo_guide.core.loss import guide_policy_loss
+from nemo_guide.core.mismatch import RolloutCorrection, truncated_importance_weights
 from nemo_guide.prompts import Prompt
 from nemo_guide.rewards import CORRECT_ABOVE, RewardFn
 from nemo_guide.tracking import reduce_metrics
@@ -71,6 +72,8 @@ class Rollouts:
     texts: list[str]
     rewards: torch.Tensor
     """Shape: ``[B*G]``, float32."""
+    sample_logprobs: list[list[float]] | None = None
+    """Shape: ``[B*G]`` lists: the sampler's log-prob of each response token (when asked for)."""
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -82,7 +85,7 @@ class Rollouts:
 
 
 def sample_and_score(
-    generator: Generator,
+    generator: Generator | LogprobGenerator,
     tokenizer: PromptTokenizer,
     reward_fn: RewardFn,
     prompts: Sequence[Prompt],
@@ -93,6 +96,7 @@ def sample_and_score(
     seed: int,
     plain: Sequence[Prompt] | None = None,
     timer: StepTimer | None = None,
+    with_logprobs: bool = False,
 ) -> Rollouts:
     """Sample ``group_size`` responses per prompt from the current policy and verify them.
 
@@ -101,21 +105,26 @@ def sample_and_score(
         answers: their gold answers.
         plain: the same records' plain prompts when ``prompts`` are hinted (None: ``prompts``).
         timer: adds the ``generation`` and ``scoring`` seconds.
+        with_logprobs: also keep the sampler's per-token log-probs (``generator`` must be a
+            :class:`~nemo_guide.backends.base.LogprobGenerator`).
     """
     timer = timer or StepTimer()
     plain = prompts if plain is None else plain
     rep = lambda items: [x for x in items for _ in range(group_size)]  # noqa: E731  [B] -> [B*G]
     sample_ids = rep([p.ids for p in prompts])
     if not sample_ids:
-        return Rollouts([], [], [], [], [], torch.zeros(0))
+        return Rollouts([], [], [], [], [], torch.zeros(0), [] if with_logprobs else None)
+    settings = dict(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature, top_p=generation.top_p, seed=seed)
+    sample_logprobs = None
     with timer("generation"):
-        responses, finished = generator.generate(
-            sample_ids, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature, top_p=generation.top_p, seed=seed
-        )
+        if with_logprobs:
+            responses, finished, sample_logprobs = generator.generate_with_logprobs(sample_ids, **settings)
+        else:
+            responses, finished = generator.generate(sample_ids, **settings)
     with timer("scoring"):
         texts = [tokenizer.decode(r) for r in responses]
         rewards = torch.tensor(reward_fn(rep([p.text for p in prompts]), texts, answers=rep(answers)), dtype=torch.float32)
-    return Rollouts(rep([p.ids for p in plain]), sample_ids, responses, finished, texts, rewards)
+    return Rollouts(rep([p.ids for p in plain]), sample_ids, responses, finished, texts, rewards, sample_logprobs)
 
 
 # -- step 4 ------------------------------------------------------------------------------
@@ -198,7 +207,13 @@ def dual_context_batch(plain: Rollouts, guided: Rollouts, groups: Groups) -> Rol
         groups.guided,
         groups.train_mask,
     )
-    return batch.with_(advantages=groups.advantages)
+    batch = batch.with_(advantages=groups.advantages)
+    if plain.sample_logprobs is not None and guided.sample_logprobs is not None:
+        sampled = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)  # [N, L]
+        for i, lp in enumerate(plain.sample_logprobs + guided.sample_logprobs):
+            sampled[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        batch = batch.with_(sample_logprobs=sampled)
+    return batch
 
 
 def sft_batch(tokenizer: PromptTokenizer, prompts: Sequence[Prompt], solutions: Sequence[str]) -> RolloutBatch:
@@ -231,6 +246,21 @@ def with_old_logprobs(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig
     if algo.kl_coef > 0:
         batch = batch.with_(ref_logprobs=policy.logprobs(batch, "plain", reference=True)[0])
     return batch, entropy
+
+
+def with_rollout_correction(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig) -> tuple[RolloutBatch, dict[str, float]]:
+    """Step 9b, ``algorithm.rollout_correction=tis`` only: truncated importance weights
+    ``min(pi_old / pi_sampler, tis_cap)`` against the sampler's reported log-probs, with
+    pi_old behind the prompt each rollout was sampled with (the hinted one for guided
+    rollouts: the engine sampled behind the hint). Returns the batch with ``is_weights``
+    and the ``rollout/*`` metrics; unchanged and no metrics when the correction is off."""
+    if RolloutCorrection(algo.rollout_correction) is RolloutCorrection.NONE or not len(batch):
+        return batch, {}
+    if batch.sample_logprobs is None:
+        raise RuntimeError("rollout_correction=tis needs the sampler's log-probs: sample with with_logprobs=True")
+    trainer = batch.old_logprobs if algo.old_logprob_context == "sampling" else policy.logprobs(batch, "sample")[0]
+    weights, metrics = truncated_importance_weights(trainer, batch.sample_logprobs, batch.loss_mask, batch.guided, cap=algo.tis_cap)
+    return batch.with_(is_weights=weights), {k: float(v) for k, v in metrics.items()}
 
 
 # -- step 10 -----------------------------------------------------------------------------
@@ -273,6 +303,7 @@ def policy_loss_fn(algo: AlgorithmConfig, num_prompts: int) -> LossFn:
             kl_estimator=algo.kl_estimator,
             entropy=entropy,
             entropy_coef=algo.entropy_coef,
+            is_weights=micro.is_weights,
         )
         return loss * micro_share(micro, totals, algo.aggregation), metrics
 

@@ -21,6 +21,7 @@ from nemo_guide.config import (
 from nemo_guide.core.guidance import THRESHOLDS, GuidedGroupMode
 from nemo_guide.core.kl import KL_ESTIMATORS
 from nemo_guide.core.loss import AGGREGATIONS, Shaping, ShapingScope
+from nemo_guide.core.mismatch import RolloutCorrection
 from nemo_guide.data.templates import STYLES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -97,12 +98,13 @@ def test_choice_fields_are_literals_equal_to_the_registries():
     assert set(algo["guided_group"]) == {m.value for m in GuidedGroupMode}
     assert set(algo["shaping"]) == {m.value for m in Shaping}
     assert set(algo["shaping_scope"]) == {m.value for m in ShapingScope}
+    assert set(algo["rollout_correction"]) == {m.value for m in RolloutCorrection}
     # every choice field of every section is declared this one way (no str field checked elsewhere)
     declared = {f"{name}.{field}" for name, cls in SECTIONS.items() for field in choice_fields(cls)}
     assert declared == {
         "algorithm.mode", "algorithm.guidance_threshold", "algorithm.guided_group", "algorithm.old_logprob_context",
         "algorithm.shaping", "algorithm.shaping_scope", "algorithm.aggregation", "algorithm.kl_estimator",
-        "data.prompt_style", "data.reward", "backend.name", "backend.dtype",
+        "algorithm.rollout_correction", "data.prompt_style", "data.reward", "backend.name", "backend.dtype",
     }
 
 

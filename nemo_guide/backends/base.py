@@ -59,6 +59,12 @@ class RolloutBatch:
     """log pi_old(response | context per ``algorithm.old_logprob_context``). Shape: ``[N, L]``."""
     ref_logprobs: torch.Tensor | None = None
     """log pi_ref(response | plain prompt), for the KL term. Shape: ``[N, L]``."""
+    sample_logprobs: torch.Tensor | None = None
+    """log pi_sampler(response | sampling prompt) as the generator reported it (a rollout
+    engine's), for ``algorithm.rollout_correction``. Shape: ``[N, L]``."""
+    is_weights: torch.Tensor | None = None
+    """Per-token importance weights of the policy loss (truncated importance sampling
+    against the sampler). Shape: ``[N, L]``."""
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -159,6 +165,24 @@ class Generator(Protocol):
         stopped) and whether each stopped before ``max_new_tokens``. Deterministic for a
         given ``seed``.
         """
+
+
+class LogprobGenerator(Generator, Protocol):
+    """A generator that also reports the log-prob its sampler gave each token it sampled
+    (``algorithm.rollout_correction`` needs them)."""
+
+    def generate_with_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
+        """:meth:`Generator.generate` plus, per response, the sampler's log-prob of each of
+        its tokens (after temperature and top-p, as the tokens were drawn). Raises
+        ``RuntimeError`` where the sampler in use cannot report them."""
 
 
 class Policy(Protocol):

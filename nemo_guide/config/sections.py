@@ -45,6 +45,8 @@ AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 """The values of :class:`nemo_guide.core.loss.Aggregation` (its registry's keys)."""
 KLEstimatorName = Literal["k1", "k2", "k3"]
 """The values of :class:`nemo_guide.core.kl.KLEstimator` (its registry's keys)."""
+RolloutCorrectionName = Literal["none", "tis"]
+"""The values of :class:`nemo_guide.core.mismatch.RolloutCorrection`."""
 PromptStyleName = Literal["plain", "think_answer", "chat"]
 """The values of :class:`nemo_guide.data.templates.PromptStyle` (its registry's keys)."""
 RewardName = Literal["auto", "math", "exact"]
@@ -133,6 +135,15 @@ class AlgorithmConfig(_Section):
     """Weight of the entropy bonus (paper: 0)."""
     ppo_epochs: int = 1
     """mu in Algorithm 1: update passes over each rollout batch."""
+    rollout_correction: RolloutCorrectionName = "none"
+    """Correction of the sampler/trainer mismatch (a TensorRT-LLM engine samples, Megatron
+    scores): ``none`` (the paper) or ``tis``, truncated importance sampling: each counted
+    token's policy loss is weighted by ``min(pi_old / pi_sampler, tis_cap)``, with pi_old
+    behind the prompt the token was sampled with (the hinted one for guided rollouts). Needs
+    the sampler's per-token log-probs: a generator that cannot return them refuses it
+    (Megatron generation through NeMo-Aligner's ``infer`` returns none)."""
+    tis_cap: float = 2.0
+    """``rollout_correction=tis``: the truncation C of the importance weights (Yao et al. use 2)."""
 
     def check(self) -> list[str]:
         p: list[str] = []
@@ -153,6 +164,8 @@ class AlgorithmConfig(_Section):
             p.append(f"{s}.kl_coef = {self.kl_coef}: must be >= 0")
         if self.ppo_epochs < 1:
             p.append(f"{s}.ppo_epochs = {self.ppo_epochs}: must be >= 1")
+        if not self.tis_cap > 0:
+            p.append(f"{s}.tis_cap = {self.tis_cap}: must be > 0 (2 is the usual truncation)")
         return p
 
     @property

@@ -227,6 +227,7 @@ def guide_policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Guide-GRPO surrogate loss (to minimise), paper Eq. 6.
 
@@ -250,6 +251,10 @@ def guide_policy_loss(
         kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
         entropy: per-token entropy of pi_theta on the plain prompt. Shape: ``[N, L]``.
         entropy_coef: weight of the entropy bonus (subtracted from the loss; paper: 0).
+        is_weights: per-token importance weights on the policy term (detached), e.g.
+            truncated importance sampling against the rollout engine
+            (:func:`nemo_guide.core.mismatch.truncated_importance_weights`). Shape: ``[N, L]``.
+            None: weight 1 (the paper).
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss (zero but attached to the graph when no token
@@ -295,6 +300,10 @@ def guide_policy_loss(
     ppo = torch.maximum(unclipped, clipped)
     use_clip = ~guided_rows | clip_guided  # [N, 1]
     token_loss = torch.where(use_clip, ppo, unclipped)  # [N, L]
+    if is_weights is not None:
+        if is_weights.shape != token_loss.shape:
+            raise ValueError(f"is_weights must have shape [N, L] = {tuple(token_loss.shape)}, got {tuple(is_weights.shape)}")
+        token_loss = token_loss * is_weights.detach().to(token_loss.dtype)
     clip_active = (clipped > unclipped) & use_clip  # [N, L]
 
     agg = dict(aggregation=aggregation, num_prompts=num_prompts, group_size=group_size)

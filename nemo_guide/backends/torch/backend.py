@@ -105,6 +105,14 @@ class TorchBackend:
             device=self.device,
         )
 
+    def generate_with_logprobs(self, prompts, *, max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0):
+        """:meth:`generate` (the same tokens for the same seed) plus each token's sampling log-prob."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(
+            self.adapter.step(self.model), prompts, pad_id=self.pad_id, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, generator=generator, device=self.device, return_logprobs=True,
+        )
+
     # -- scoring ---------------------------------------------------------------------------
 
     def _score(self, model: torch.nn.Module, batch: RolloutBatch, context: Context, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

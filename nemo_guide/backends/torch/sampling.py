@@ -59,13 +59,19 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy (``temperature == 0``) or sampled next tokens. Shape: ``[B, V] -> [B]``."""
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None, with_logprobs: bool = False):
+    """Greedy (``temperature == 0``) or sampled next tokens from ``logits [B, V]``.
+
+    Returns ``(tokens [B], logprobs [B] | None)``: the tokens and, when asked, their log-prob
+    under the distribution they were drawn from (after temperature and top-p; greedy: temperature 1).
+    """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        tok = logits.argmax(dim=-1)
+        return tok, (logits.float().log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1) if with_logprobs else None)
     logits = filter_top_p(logits.float() / temperature, top_p)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tok, (logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1) if with_logprobs else None)
 
 
 @torch.no_grad()
@@ -80,12 +86,15 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-) -> tuple[list[list[int]], list[bool]]:
+    return_logprobs: bool = False,
+):
     """Sample one response per prompt.
 
     Returns:
         ``(responses, finished)``: response token ids (ending with the EOS token when the
-        model stopped) and whether each response ended with EOS before ``max_new_tokens``.
+        model stopped) and whether each response ended with EOS before ``max_new_tokens``;
+        with ``return_logprobs`` also each response's per-token sampling log-probs (see
+        :func:`next_tokens`). The same seed samples the same tokens either way.
     """
     if not eos_ids:
         raise ValueError("generation needs at least one EOS token id")
@@ -96,10 +105,13 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     length = torch.zeros(batch, dtype=torch.long, device=device)
+    lps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     for t in range(max_new_tokens):
-        tok = next_tokens(logits, temperature, top_p, generator)  # [B]
+        tok, lp = next_tokens(logits, temperature, top_p, generator, return_logprobs)  # [B]
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out[:, t] = tok
+        if lp is not None:
+            lps[:, t] = lp
         length += (~done).long()
         done = done | torch.isin(tok, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -109,4 +121,6 @@ def generate(
         logits, cache = step(tok[:, None], mask, cache)
     out, length, done = out.cpu(), length.cpu(), done.cpu()
     responses = [out[i, : int(length[i])].tolist() for i in range(batch)]
+    if return_logprobs:
+        return responses, done.tolist(), [lps[i, : int(length[i])].tolist() for i in range(batch)]
     return responses, done.tolist()
