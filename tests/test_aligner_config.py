@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_guide.aligner.config import guide_config, prompt_limit
+from nemo_guide.aligner.config import ProbeSettings, guide_config, probe_settings, prompt_limit
 from nemo_guide.config import ConfigError
 from nemo_guide.errors import RunError
 
@@ -81,7 +81,51 @@ def test_prompts_are_tokenised_before_any_model_is_built(tmp_path):
 
 def test_engine_input_too_short_for_hinted_prompts_is_refused_with_the_record(tmp_path):
     with pytest.raises(RunError, match=r"longer than 12 tokens \(model.ppo.trt_llm.max_input_len\), hinted ones included"):
-        _prepare(tmp_path, **{"model.ppo.trt_llm": {"enable": True, "max_input_len": 12}})
+        _prepare(tmp_path, **{"model.ppo.trt_llm": {"enable": True, "max_input_len": 12}, **EXPORTABLE})
+
+
+# What the .nemo of a Llama (or, with qkv_bias, a Qwen2) adds to the model section: exportable to TensorRT-LLM.
+EXPORTABLE = {f"model.{k}": v for k, v in dict(mcore_gpt=True, bias=False, qkv_bias=True, normalization="rmsnorm", activation="fast-swiglu",
+                                                  position_embedding_type="rope", num_attention_heads=4, num_query_groups=2).items()}
+ENGINE = {"model.ppo.trt_llm": {"enable": True, "max_input_len": 64}, "model.encoder_seq_length": 256, **EXPORTABLE}
+
+
+def test_an_engine_run_with_matching_settings_and_the_correction_is_valid():
+    config = guide_config(_cfg(**ENGINE, **{"trainer.guide.algorithm.rollout_correction": "tis"}))
+    assert config.algorithm.rollout_correction == "tis" and config.algorithm.tis_cap == 2.0
+    assert probe_settings(_cfg(**ENGINE)) == ProbeSettings()
+    assert probe_settings(_cfg(**{**ENGINE, "model.ppo.trt_llm": {"enable": True, "probe": False}})) is None
+    assert probe_settings(_cfg()) is None  # no engine, no probe
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"trainer.guide.algorithm.rollout_correction": "tis", "model.ppo.trt_llm": {"enable": False}},
+         "rollout_correction = 'tis' needs the sampler's per-token log-probs, and generation without TensorRT-LLM"),
+        ({"model.bias": True}, "model.bias = True: biases on every linear layer"),
+        ({"model.normalization": "layernorm"}, "model.normalization = 'layernorm'"),
+        ({"model.ppo.length_params.max_length": 32}, "model.ppo.length_params.max_length = 32 but trainer.guide.generation.max_new_tokens = 64"),
+        ({"model.ppo.sampling_params.temperature": 0.7}, "model.ppo.sampling_params.temperature = 0.7 but trainer.guide.generation.temperature = 1.0"),
+        ({"model.ppo.sampling_params.top_k": 50}, "model.ppo.sampling_params.top_k = 50"),
+        ({"model.ppo.trt_llm": {"enable": True, "model_type": "gptnext"}}, "model.ppo.trt_llm.model_type = 'gptnext'"),
+        ({"model.ppo.trt_llm": {"enable": True, "probe_every": -2}}, "model.ppo.trt_llm.probe_every = -2"),
+        ({"model.pipeline_model_parallel_size": 2, "trainer.devices": 2}, "model.ppo.trt_llm.reshard = false with pipeline parallelism"),
+        ({"trainer.guide.algorithm.tis_cap": 0.0}, "algorithm.tis_cap = 0.0: must be > 0"),
+    ],
+)
+def test_engine_settings_that_cannot_work_name_the_key(changes, expected):
+    with pytest.raises(ConfigError) as err:
+        guide_config(_cfg(**{**ENGINE, **changes}))
+    assert expected in str(err.value)
+
+
+def test_the_engine_input_length_defaults_to_aligners():
+    cfg = _cfg(**{**ENGINE, "model.ppo.trt_llm": {"enable": True}, "model.encoder_seq_length": 2048})
+    assert prompt_limit(cfg, guide_config(cfg)) == (64, "trainer.guide.data.max_prompt_tokens")
+    cfg = _cfg(**{**ENGINE, "model.ppo.trt_llm": {"enable": True}, "model.encoder_seq_length": 1024})
+    with pytest.raises(ConfigError, match=r"model.ppo.trt_llm.max_input_len \(1024\) \+ trainer.guide.generation.max_new_tokens \(64\)"):
+        guide_config(cfg)
 
 
 def test_records_without_hints_are_refused_while_guiding(tmp_path):

@@ -541,3 +541,14 @@ def test_pinned_losses_of_the_first_two_steps(tiny_cfg):
     assert [r["train/guided_frac"] for r in rows] == [1.0, 0.5]
     assert [r["loss/policy"] for r in rows] == pytest.approx([0.016958996653556824, 0.01132410578429699], rel=1e-5)
     assert [r["optim/grad_norm"] for r in rows] == pytest.approx([0.04379206523299217, 0.06037895381450653], rel=1e-5)
+
+
+def test_rollout_correction_tis_on_the_embedded_host(tiny_cfg):
+    """algorithm.rollout_correction=tis through the named steps: the embedded sampler is the trainer, so
+    the sampler/trainer gap is float noise and no weight is truncated; off (the default) logs no rollout/*."""
+    cfg = tiny_cfg("run.steps=1", "data.eval_limit=2", "algorithm.rollout_correction=tis")
+    run(cfg)
+    row = read_metrics(cfg.run.run_dir)[-1]
+    assert row["rollout/logprob_diff_mean"] < 1e-4 and row["rollout/logprob_diff_max"] < 1e-3
+    assert row["rollout/tis_clip_frac"] == 0.0 and row["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert row["rollout/logprob_diff_mean_guided"] < 1e-4  # guided rows: the trainer behind the hint, as sampled

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_guide.backends.base import Generator, Policy, PromptTokenizer, Totals
+from nemo_guide.backends.base import Generator, LogprobGenerator, Policy, PromptTokenizer, Totals
 from nemo_guide.backends.torch.backend import TorchBackend
 from nemo_guide.errors import RunError
 from nemo_guide.backends.torch.sampling import filter_top_p, generate, left_pad, right_pad
@@ -92,7 +92,25 @@ def test_generation_is_seeded_and_stops_at_eos(random_tiny):
         assert all(t not in backend.eos_ids for t in response[:-1])
 
 
-@pytest.mark.parametrize("protocol", [PromptTokenizer, Generator, Policy])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_logprobs_are_the_samplers_and_leave_the_samples_unchanged(random_tiny, top_p):
+    """generate_with_logprobs draws the same tokens as generate for a seed, and reports each token's
+    log-prob under the distribution it was drawn from (temperature and top-p applied)."""
+    backend = make_backend(random_tiny)
+    prompts = [backend.encode("Q:12+34="), backend.encode("Q:5#6=")] * 2
+    plain = backend.generate(prompts, max_new_tokens=12, temperature=1.0, top_p=top_p, seed=5)
+    responses, finished, logprobs = backend.generate_with_logprobs(prompts, max_new_tokens=12, temperature=1.0, top_p=top_p, seed=5)
+    assert (responses, finished) == plain
+    for prompt, response, lp in zip(prompts, responses, logprobs, strict=True):
+        full = direct_logprobs(backend, prompt, response)  # the trainer's view: no top-p
+        assert len(lp) == len(response)
+        if top_p == 1.0:
+            torch.testing.assert_close(torch.tensor(lp), full, rtol=1e-4, atol=1e-4)
+        else:  # renormalised over the nucleus: never below the full distribution's log-prob
+            assert all(a >= b - 1e-4 for a, b in zip(lp, full.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("protocol", [PromptTokenizer, Generator, LogprobGenerator, Policy])
 def test_backend_implements_every_declared_member(random_tiny, protocol):
     """Each role's attributes exist, and each method takes every parameter the protocol declares
     (same name and kind), so a host can call the backend through the protocol alone."""

@@ -18,6 +18,9 @@ reductions, weight offloading) and replaces its two loss entry points
   the number of micro-batches and the data-parallel size (Megatron's schedule divides by
   the first, NeMo's gradient all-reduce averages over the second), so the gradient is the
   global token mean (or the chosen aggregation) whatever the layout.
+- **TensorRT-LLM** (``model.ppo.trt_llm.enable``): the engine wrapper is
+  :class:`nemo_guide.aligner.trt_engine.GuideTRTLLMGenerate` instead of Aligner's, so Qwen2's
+  QKV bias reaches the engine at build and at every refit.
 - **Batches are** :class:`~nemo_guide.backends.base.RolloutBatch` **objects**, on every rank
   of the pipeline, so the keys the loss needs (guided flags, old log-probs, advantages,
   loss mask, reference log-probs) reach the last stage without a required-keys list.
@@ -96,6 +99,10 @@ class MegatronGPTGuideActorModel(MegatronGPTActorModel):
         super().__init__(cfg, trainer)
         self.guide_chunk_size = int(cfg.get("guide_logprob_chunk_size", 1024))
         self.guide_temperature = float(cfg.get("guide_temperature", cfg.ppo.sampling_params.temperature) or 1.0)
+        if self.use_trtllm_generation:  # the engine wrapper with the faithful (Qwen2 QKV-bias) export
+            from nemo_guide.aligner.trt_engine import engine_from_config
+
+            self.trtllm_generate = engine_from_config(self.cfg, self.tokenizer)
 
     # -- one forward step, for scoring and for training -------------------------------------
 

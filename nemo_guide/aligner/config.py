@@ -15,11 +15,15 @@ the embedded backend (``nemo_guide.config``)::
 The optimizer, precision and layout are NeMo's (``model.optim``, ``trainer.precision``,
 ``model.tensor_model_parallel_size``...); ``model.micro_batch_size`` is the rollouts per
 micro-batch per replica. :func:`guide_config` finds every problem at once and names each
-key with its fix. This module imports neither NeMo nor torch.
+key with its fix. With ``model.ppo.trt_llm.enable`` it also checks the engine's settings
+against the Guide sections and the model's exportability, and :class:`ProbeSettings` reads
+the engine probe's keys there. This module imports neither NeMo nor torch (the export check,
+:func:`nemo_guide.aligner.trt_export.export_problems`, imports torch when the engine is on).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from nemo_guide.config import Config, ConfigError, config_from_dict
@@ -32,6 +36,63 @@ NEMO_OWNED = {
     "backend": "the model is the .nemo checkpoint: set pretrained_checkpoint.restore_from_path and the layout in model.*",
 }
 RUN_KEYS_IGNORED = ("resume", "keep_checkpoints")
+TRT_KEY = "model.ppo.trt_llm"
+ENGINE_MAX_INPUT_LEN = ENGINE_MAX_NEW_TOKENS = 1024
+"""NeMo-Aligner's defaults for ``model.ppo.trt_llm.max_input_len`` and ``model.ppo.length_params.max_length``."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The TensorRT-LLM probe's keys under ``model.ppo.trt_llm`` (what the probe measures, and
+    why these default tolerances: :mod:`nemo_guide.aligner.probe`)."""
+
+    enabled: bool = True
+    """``probe``: run it (at start-up, and every ``probe_every`` steps)."""
+    every: int = 0
+    """``probe_every``: steps between probes after the start-up one (0: start-up only)."""
+    prompts: int = 8
+    """``probe_prompts``: the first N training prompts (plain) form the probe batch."""
+    tolerance: float = 0.05
+    """``probe_tolerance``: largest mean |engine - trainer| log-prob per token (nats)."""
+    max_tolerance: float = 1.5
+    """``probe_max_tolerance``: largest single-token |engine - trainer| log-prob (nats)."""
+    greedy_tolerance: float = 0.1
+    """``probe_greedy_tolerance``: largest fraction of greedy decisions that differ."""
+
+    KEYS = {"probe": "enabled", "probe_every": "every", "probe_prompts": "prompts", "probe_tolerance": "tolerance",
+            "probe_max_tolerance": "max_tolerance", "probe_greedy_tolerance": "greedy_tolerance"}
+
+    @classmethod
+    def parse(cls, trt: Mapping[str, Any]) -> tuple["ProbeSettings", list[str]]:
+        """The settings in a ``model.ppo.trt_llm`` mapping, and every problem with them."""
+        values, problems = {}, []
+        for key, name in cls.KEYS.items():
+            value = trt.get(key)
+            if value is None:
+                continue
+            kind = type(getattr(cls, name))
+            fits = isinstance(value, kind) if kind is not float else isinstance(value, (int, float))
+            if not fits or (kind is not bool and isinstance(value, bool)):
+                problems.append(f"{TRT_KEY}.{key} = {value!r}: expected {kind.__name__}")
+                continue
+            values[name] = kind(value)
+        settings = cls(**values)
+        if settings.every < 0:
+            problems.append(f"{TRT_KEY}.probe_every = {settings.every}: must be >= 0 (0: at start-up only)")
+        if settings.prompts < 1:
+            problems.append(f"{TRT_KEY}.probe_prompts = {settings.prompts}: must be >= 1")
+        for key in ("probe_tolerance", "probe_max_tolerance", "probe_greedy_tolerance"):
+            if not getattr(settings, cls.KEYS[key]) >= 0:
+                problems.append(f"{TRT_KEY}.{key} = {getattr(settings, cls.KEYS[key])}: must be >= 0")
+        return settings, problems
+
+
+def probe_settings(cfg: Mapping[str, Any]) -> ProbeSettings | None:
+    """The TensorRT-LLM probe's settings of a (validated) plain-container Aligner config; None
+    when the engine is off or the probe disabled (``model.ppo.trt_llm.probe = false``)."""
+    trt = _get(cfg, TRT_KEY, {}) or {}
+    settings = ProbeSettings.parse(trt)[0]
+    return settings if trt.get("enable", False) and settings.enabled else None
 
 
 def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -75,7 +136,7 @@ def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
         config = None
     problems += _layout_problems(cfg)
     if config is not None:
-        problems += _length_problems(cfg, config)
+        problems += _length_problems(cfg, config) + _engine_problems(cfg, config)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -120,7 +181,7 @@ def _length_problems(cfg: Mapping[str, Any], config: Config) -> list[str]:
     if isinstance(seq, int) and new >= seq:
         out.append(f"{GUIDE}.generation.max_new_tokens = {new} leaves no room for a prompt in model.encoder_seq_length = {seq}; lower it")
     if _get(cfg, "model.ppo.trt_llm.enable", False):
-        max_input = _get(cfg, "model.ppo.trt_llm.max_input_len")
+        max_input = _get(cfg, "model.ppo.trt_llm.max_input_len", ENGINE_MAX_INPUT_LEN)
         if isinstance(max_input, int) and isinstance(seq, int) and max_input + new > seq:
             out.append(
                 f"model.ppo.trt_llm.max_input_len ({max_input}) + {GUIDE}.generation.max_new_tokens ({new}) = {max_input + new} exceeds "
@@ -136,6 +197,40 @@ def prompt_limit(cfg: Mapping[str, Any], config: Config) -> tuple[int, str]:
     seq = _get(cfg, "model.encoder_seq_length")
     if isinstance(seq, int):
         limits.append((seq - config.generation.max_new_tokens, f"model.encoder_seq_length - {GUIDE}.generation.max_new_tokens"))
-    if _get(cfg, "model.ppo.trt_llm.enable", False) and isinstance(_get(cfg, "model.ppo.trt_llm.max_input_len"), int):
-        limits.append((_get(cfg, "model.ppo.trt_llm.max_input_len"), "model.ppo.trt_llm.max_input_len"))
+    if _get(cfg, "model.ppo.trt_llm.enable", False) and isinstance(_get(cfg, "model.ppo.trt_llm.max_input_len", ENGINE_MAX_INPUT_LEN), int):
+        limits.append((_get(cfg, "model.ppo.trt_llm.max_input_len", ENGINE_MAX_INPUT_LEN), "model.ppo.trt_llm.max_input_len"))
     return min(limits)
+
+
+def _engine_problems(cfg: Mapping[str, Any], config: Config) -> list[str]:
+    """The TensorRT-LLM engine's settings against the Guide sections and the model; and
+    ``algorithm.rollout_correction``, which needs the sampler's per-token log-probs."""
+    trt, gen, algo = _get(cfg, "model.ppo.trt_llm", {}) or {}, config.generation, config.algorithm
+    if not trt.get("enable", False):
+        if algo.rollout_correction != "none":
+            return [f"{GUIDE}.algorithm.rollout_correction = {algo.rollout_correction!r} needs the sampler's per-token log-probs, and "
+                    "generation without TensorRT-LLM (Megatron's, through NeMo-Aligner 0.7.0's MegatronGPTActorModel.infer) returns none; "
+                    "set model.ppo.trt_llm.enable = true (the Guide engine wrapper requests them) or rollout_correction = none"]
+        return []
+    from nemo_guide.aligner.trt_export import export_problems  # torch, no NeMo
+
+    _, out = ProbeSettings.parse(trt)
+    out += export_problems(dict(_get(cfg, "model", {})), tp_size=_get(cfg, "model.tensor_model_parallel_size", 1))
+    if trt.get("model_type", "llama") != "llama":
+        out.append(f"model.ppo.trt_llm.model_type = {trt['model_type']!r}: the Guide export builds Llama-architecture engines (Llama, Qwen2); set it to llama")
+    if _get(cfg, "model.pipeline_model_parallel_size", 1) > 1 and not trt.get("reshard", False):
+        out.append("model.ppo.trt_llm.reshard = false with pipeline parallelism: the Guide export builds PP=1 engines; set it true")
+    length = _get(cfg, "model.ppo.length_params.max_length", ENGINE_MAX_NEW_TOKENS)
+    if length != gen.max_new_tokens:
+        out.append(f"model.ppo.length_params.max_length = {length} but {GUIDE}.generation.max_new_tokens = {gen.max_new_tokens}: "
+                   "the engine's response length is fixed when it is built; make them equal")
+    sampling = _get(cfg, "model.ppo.sampling_params", {}) or {}
+    engine = {"temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0)}
+    for key, value in engine.items():
+        if value != getattr(gen, key):
+            out.append(f"model.ppo.sampling_params.{key} = {value} but {GUIDE}.generation.{key} = {getattr(gen, key)}: the engine's sampling is fixed "
+                       "when it is built, and rollouts with other settings would be generated by Megatron instead; make them equal")
+    if sampling.get("top_k", 0) not in (0, None) or sampling.get("use_greedy", False):
+        out.append(f"model.ppo.sampling_params.top_k = {sampling.get('top_k')} / use_greedy = {sampling.get('use_greedy')}: "
+                   "rollouts are sampled from the full distribution at generation.temperature (top_k 0, use_greedy false)")
+    return out

@@ -9,7 +9,11 @@ once, on all of it:
 
 - ``generate``: each replica samples its contiguous share of the prompts through the actor's
   ``infer`` (TensorRT-LLM when ``ppo.trt_llm.enable``, else Megatron's generation); the
-  responses are gathered in prompt order.
+  responses are gathered in prompt order. Engine calls always hold the engine's batch
+  (``rollout_micro_batch_size``) rows, padded with an inert prompt whose outputs are dropped.
+  ``generate_with_logprobs`` (the engine's per-token log-probs, for
+  ``algorithm.rollout_correction``) and ``greedy`` (the TensorRT-LLM probe) go through the
+  same path; ``take_perf_metrics`` reports throughput, padding, build and refit times.
 - ``logprobs``: each replica scores its share (dual context: the prompt each rollout was
   sampled with, or the plain one); the ``[N, L]`` values are gathered.
 - ``train_step``: the totals come from the whole (global) mini-batch, then each replica
@@ -23,6 +27,7 @@ the phase changes, so a step's plain and hinted generations share one refitted e
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -33,6 +38,7 @@ from nemo_aligner.utils.train_utils import clip_gradients
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
 from nemo_guide.aligner.actor import GuideTrainBatch, MegatronGPTGuideActorModel
+from nemo_guide.aligner.engine_batch import EngineChunk, engine_chunks, real_outputs
 from nemo_guide.aligner.parallel import gather_in_order, share_of
 from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
 
@@ -51,6 +57,7 @@ class AlignerHost:
         self.max_length = int(actor.cfg.encoder_seq_length)
         self.chat_tokenizer = self._hf
         self._phase = "idle"
+        self._perf = {"rows": 0.0, "padded_rows": 0.0, "tokens": 0.0, "seconds": 0.0}
 
     # -- PromptTokenizer -----------------------------------------------------------------------
 
@@ -93,48 +100,97 @@ class AlignerHost:
 
     # -- Generator ---------------------------------------------------------------------------
 
+    def _engine_settings(self, temperature: float, top_p: float) -> bool:
+        """Whether the engine samples with these settings (TensorRT-LLM's are fixed at build)."""
+        params = self.actor.cfg.ppo.sampling_params
+        return self.actor.use_trtllm_generation and temperature == float(params.temperature) and top_p == float(params.top_p)
+
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens: int, temperature: float, top_p: float, seed: int):
-        self._inference()
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        mine = share_of(len(prompts), dp, rank)
-        actor = self.actor
-        engine_params = actor.cfg.ppo.sampling_params
         # TensorRT-LLM's sampling settings are fixed when its engine is built: other settings
         # (greedy validation) generate with Megatron instead, from the same weights.
-        use_engine = actor.use_trtllm_generation and temperature == float(engine_params.temperature) and top_p == float(engine_params.top_p)
+        responses, finished, _ = self._generate(prompts, max_new_tokens, temperature, top_p, seed, engine=self._engine_settings(temperature, top_p))
+        return responses, finished
+
+    @torch.no_grad()
+    def generate_with_logprobs(self, prompts, *, max_new_tokens: int, temperature: float, top_p: float, seed: int):
+        """:meth:`generate` through the engine, with TensorRT-LLM's log-prob of every sampled token."""
+        if not self._engine_settings(temperature, top_p):
+            raise RuntimeError(
+                "per-token sampler log-probs come from the TensorRT-LLM engine only (NeMo-Aligner's Megatron generation returns none): "
+                "set model.ppo.trt_llm.enable = true with model.ppo.sampling_params equal to trainer.guide.generation"
+            )
+        return self._generate(prompts, max_new_tokens, temperature, top_p, seed, engine=True, logprobs=True)
+
+    @torch.no_grad()
+    def greedy(self, prompts, *, max_new_tokens: int, engine: bool) -> list[list[int]]:
+        """Greedy responses from the engine (``engine=True``, the probe) or from Megatron's generation."""
+        return self._generate(prompts, max_new_tokens, 0.0, 1.0, 0, engine=engine, greedy=True)[0]
+
+    def _generate(self, prompts, max_new_tokens: int, temperature: float, top_p: float, seed: int, *, engine: bool, logprobs: bool = False, greedy: bool = False):
+        """Each replica generates its contiguous share in calls of ``rollout_micro_batch_size``
+        prompts; engine calls are padded to exactly that many rows with an inert prompt whose
+        outputs are dropped (:mod:`nemo_guide.aligner.engine_batch`). Gathered in prompt order."""
+        self._inference()
+        started = time.perf_counter()
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        mine = share_of(len(prompts), dp, rank)
+        actor, size = self.actor, self.rollout_micro_batch_size
         actor._length_params.update(max_length=max_new_tokens, min_length=0)
         actor._sampling_params.update(use_greedy=temperature == 0, temperature=temperature or 1.0, top_p=top_p, top_k=0)
-        responses: list[list[int]] = []
-        finished: list[bool] = []
-        eos = self.eos_ids[0]
         own = [list(prompts[i]) for i in mine]
-        for start in range(0, len(own), self.rollout_micro_batch_size):
-            part = own[start : start + self.rollout_micro_batch_size]
-            lengths = torch.tensor([len(p) for p in part])
-            width = int(lengths.max()) + max_new_tokens
-            text = torch.full((len(part), width), eos, dtype=torch.long)
-            for i, p in enumerate(part):
+        chunks = engine_chunks(own, size, [self.pad_id]) if engine else [EngineChunk(own[s : s + size], len(own[s : s + size])) for s in range(0, len(own), size)]
+        outputs = []
+        for c, chunk in enumerate(chunks):
+            lengths = torch.tensor([len(p) for p in chunk.prompts])
+            text = torch.full((len(chunk.prompts), int(lengths.max()) + max_new_tokens), self.pad_id, dtype=torch.long)
+            for i, p in enumerate(chunk.prompts):
                 text[i, : len(p)] = torch.tensor(p)
             # seeded by the chunk's first global prompt: the same on every model-parallel rank, and with
             # rollout_micro_batch_size = 1 the same samples whatever the data-parallel layout
-            torch.manual_seed(seed * 1_000_003 + (mine[start] if mine else 0))
-            out = self._infer({"text": text, "length": lengths}, use_engine)
+            torch.manual_seed(seed * 1_000_003 + mine[c * size])
+            out, lp = self._infer({"text": text, "length": lengths}, engine=engine, greedy=greedy, logprobs=logprobs)
             tokens, ends, is_end = out["response_tokens"].cpu(), out["response_lengths"].cpu(), out["is_end"].cpu()
-            for i, p in enumerate(part):
-                responses.append(tokens[i, len(p) : int(ends[i])].tolist())
-                finished.append(bool(is_end[i]))
-        pairs = gather_in_order(list(zip(responses, finished, strict=True)))
-        return [r for r, _ in pairs], [f for _, f in pairs]
+            outputs.append([(tokens[i, len(p) : int(ends[i])].tolist(), bool(is_end[i]), lp[i, len(p) : int(ends[i])].tolist() if logprobs else None)
+                            for i, p in enumerate(chunk.prompts)])
+        rows = gather_in_order(real_outputs(chunks, outputs))
+        self._perf["rows"] += sum(len(c.prompts) for c in chunks)
+        self._perf["padded_rows"] += sum(c.padded for c in chunks)
+        self._perf["tokens"] += sum(len(r) for r, _, _ in rows)
+        self._perf["seconds"] += time.perf_counter() - started
+        return [r for r, _, _ in rows], [f for _, f, _ in rows], ([lp for _, _, lp in rows] if logprobs else None)
 
-    def _infer(self, batch: dict, use_engine: bool) -> dict:
-        if use_engine or not self.actor.use_trtllm_generation:
-            return self.actor.infer(batch)
-        self.actor.use_trtllm_generation = False
+    def _infer(self, batch: dict, *, engine: bool, greedy: bool, logprobs: bool) -> tuple[dict, torch.Tensor | None]:
+        """The actor's ``infer`` on one chunk, through the engine or through Megatron's generation;
+        with the engine, also its per-position log-probs (``[b, S]``, when asked for)."""
+        actor = self.actor
+        if engine:
+            with actor.trtllm_generate.options(greedy=greedy, logprobs=logprobs):
+                out = actor.infer(batch)
+                return out, (actor.trtllm_generate.last_logprobs.cpu() if logprobs else None)
+        if not actor.use_trtllm_generation:
+            return actor.infer(batch), None
+        actor.use_trtllm_generation = False
         try:
-            return self.actor.infer(batch)
+            return actor.infer(batch), None
         finally:
-            self.actor.use_trtllm_generation = True
+            actor.use_trtllm_generation = True
+
+    def take_perf_metrics(self) -> dict[str, float]:
+        """Generation throughput (tokens per second per GPU, refits excluded), padded engine rows
+        and the engine's build and refit seconds since the last call; resets the counters.
+        Every rank calls it (one all-reduce)."""
+        perf, self._perf = self._perf, dict.fromkeys(self._perf, 0.0)
+        counts = torch.tensor([perf["rows"], perf["padded_rows"]], dtype=torch.float64).to(torch.cuda.current_device())
+        dist.all_reduce(counts)
+        out = {}
+        if perf["seconds"] > 0:
+            out["perf/gen_tokens_per_s_per_gpu"] = perf["tokens"] / perf["seconds"] / dist.get_world_size()
+        if counts[0] > 0:
+            out["perf/padded_row_frac"] = float(counts[1] / counts[0])
+        if self.actor.use_trtllm_generation:
+            out.update({f"time/{key}": v for key, v in self.actor.trtllm_generate.pop_timings().items()})
+        return out
 
     # -- Policy: scoring -------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_guide.aligner.config import GUIDE, guide_config, prompt_limit
+from nemo_guide.aligner.config import GUIDE, guide_config, probe_settings, prompt_limit
 from nemo_guide.config import Config
 from nemo_guide.errors import RunError
 from nemo_guide.loop import load_prompts, reward_name
@@ -138,7 +138,7 @@ def run(cfg: DictConfig, *, source: str = "config", reward_fn=None, log=print) -
         log(f"resuming at step {state['step']} from {built.trainer.ckpt_path}")
     trainer = GuideGRPOTrainer(
         config, host, train_prompts, eval_prompts, reward_fn, loss_fn, ckpt_callback=built.ckpt_callback, checkpoint_dir=checkpoint_dir,
-        run_dir=log_dir / "guide", state=state, nemo_logger=built.logger, log=log,
+        run_dir=log_dir / "guide", state=state, nemo_logger=built.logger, log=log, probe=probe_settings(OmegaConf.to_container(cfg, resolve=True)),
     )
     try:
         return trainer.fit()

@@ -15,6 +15,11 @@ the seeded sampler (the same on every rank), then :func:`nemo_guide.loop.algorit
      mini-batch with the global token mean;
 11.  validation (held-out greedy pass@1), logging, checkpoint.
 
+With TensorRT-LLM, the engine probe (:mod:`nemo_guide.aligner.probe`) runs before anything
+else (also on resume: the engine is new) and every ``model.ppo.trt_llm.probe_every`` steps,
+and stops the run when the engine and the trainer disagree; each step logs the host's
+generation throughput, padded engine rows and the engine's build and refit seconds.
+
 Checkpoints are Aligner's (``ckpt_callback.custom_save``: weights and optimizer, NeMo's
 distributed format) plus a side file with Guide's own state (data position, counters,
 history), written atomically *before* the checkpoint: Aligner's resume reads only numbers in
@@ -32,7 +37,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from nemo_guide.aligner.config import ProbeSettings
 from nemo_guide.aligner.host import AlignerHost
+from nemo_guide.aligner.probe import check, run_probe
 from nemo_guide.backends.base import LossFn
 from nemo_guide.checkpoint import atomic_write_text
 from nemo_guide.config import Config
@@ -45,6 +52,8 @@ from nemo_guide.steps import step_seed
 from nemo_guide.tracking import MetricsLogger
 
 STATE_FILE = "guide_state-step={step}.json"
+PROBE_PHASE = 8
+"""``step_seed`` phase of the TensorRT-LLM probe's sampled pass (7 is held-out evaluation)."""
 STEP_IN_NAME = re.compile(r"step=(\d+)")
 
 
@@ -94,11 +103,12 @@ class GuideGRPOTrainer:
         state: dict[str, Any],
         nemo_logger: Any = None,
         log: Callable[[str], None] = print,
+        probe: ProbeSettings | None = None,
     ) -> None:
         self.config, self.host, self.prompts, self.eval_prompts = config, host, prompts, eval_prompts
         self.reward_fn, self.loss_fn = reward_fn, loss_fn
         self.ckpt_callback, self.checkpoint_dir, self.run_dir = ckpt_callback, Path(checkpoint_dir), Path(run_dir)
-        self.state, self.nemo_logger = state, nemo_logger
+        self.state, self.nemo_logger, self.probe = state, nemo_logger, probe
         self.rank0 = dist.get_rank() == 0
         self.log = log if self.rank0 else (lambda _msg: None)
         self.sampler = PromptSampler(len(prompts.records), config.run.seed, **state["sampler"])
@@ -110,14 +120,19 @@ class GuideGRPOTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(self.run_dir, resume_step=state["step"] if state["step"] else None, tensorboard=False) if self.rank0 else None
         try:
+            probed = self.probe_engine(state["step"]) if self.probe is not None else {}
             if state["step"] == 0:
                 self.log(f"policy: {self.host.describe()}")
                 history["eval_before"] = before = self.validate(0)
-                self._log_row(logger, 0, before)
+                self._log_row(logger, 0, {**before, **probed})
             for step in range(state["step"] + 1, run.steps + 1):
                 started = time.perf_counter()
                 idx = self.sampler.next(cfg.data.prompt_batch_size)  # 1. a batch of B prompts
+                self.host.take_perf_metrics()  # what validation and the probe generated is not this step's
                 metrics = algorithm_step(cfg, self.host, self.reward_fn, self.loss_fn, self.prompts, idx, step)  # 2-10
+                metrics.update(self.host.take_perf_metrics())
+                if self.probe is not None and self.probe.every and step % self.probe.every == 0:
+                    metrics.update(self.probe_engine(step))
                 metrics["train/epoch"] = float(self.sampler.epoch)
                 state["optimizer_steps"] += int(metrics["optim/updates"] - metrics["optim/skipped"])
                 history.setdefault("train_reward_first", metrics["train/reward"])
@@ -137,6 +152,18 @@ class GuideGRPOTrainer:
             if logger is not None:
                 logger.close()
         return history
+
+    def probe_engine(self, step: int) -> dict[str, float]:
+        """The TensorRT-LLM probe on the first ``probe_prompts`` training prompts (plain), logged;
+        raises :class:`~nemo_guide.aligner.probe.ProbeError` above a tolerance."""
+        gen, settings = self.config.generation, self.probe
+        prompts = [p.ids for p in self.prompts.plain[: settings.prompts]]
+        report = run_probe(self.host, prompts, settings, step=step, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                           top_p=gen.top_p, seed=step_seed(self.config.run.seed, step, PROBE_PHASE))
+        self.log(report.format(settings))
+        self.state["history"].setdefault("probes", []).append({"step": step, **report.metrics()})
+        check(report, settings)
+        return report.metrics()
 
     def validate(self, step: int) -> dict[str, float]:
         """Held-out pass@1 without hints (greedy at ``generation.eval_temperature = 0``)."""
