@@ -74,6 +74,22 @@ def engine_from_config(cfg, tokenizer) -> "GuideTRTLLMGenerate":
     )
 
 
+def rank_engine_weights(state: dict[str, torch.Tensor], model_cfg, *, vocab_size: int, device) -> dict[str, torch.Tensor]:
+    """This TP rank's engine weights from its Megatron state dict (every layer: pipeline stages
+    gathered): the vocabulary tensors all-gathered over the TP group first (the thin
+    communication step), then :func:`~nemo_guide.aligner.trt_export.engine_weights`."""
+    state = canonical_names(state)
+    tp_group, tp = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+    for key in VOCAB_KEYS:
+        if key in state and tp > 1:
+            parts = [torch.empty_like(state[key]) for _ in range(tp)]
+            dist.all_gather(parts, state[key].contiguous(), group=tp_group)
+            state[key] = torch.cat(parts)
+    weights = engine_weights(state, model_cfg, tp_size=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(), vocab_size=vocab_size,
+                             dtype=torch_dtype_from_precision(model_cfg.precision))
+    return {k: v.to(device) for k, v in weights.items()}
+
+
 class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
     """Aligner's engine wrapper with the Qwen2-faithful export, a strict refit, greedy and log-prob modes."""
 
@@ -120,19 +136,9 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
 
     def _weights(self, model, device) -> dict[str, torch.Tensor]:
-        """This rank's engine weights from the actor's weights (the vocabulary gathered over TP first)."""
         exporter = self.trt_llm_exporter
-        storage = torch_dtype_from_precision(self.model_cfg.precision)
-        state = canonical_names(exporter.gather_and_reshard_model(self.model_cfg, model, storage))
-        tp_group, tp = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
-        for key in VOCAB_KEYS:
-            if key in state and tp > 1:
-                parts = [torch.empty_like(state[key]) for _ in range(tp)]
-                dist.all_gather(parts, state[key].contiguous(), group=tp_group)
-                state[key] = torch.cat(parts)
-        weights = engine_weights(state, self.model_cfg, tp_size=exporter.tp_size, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                                 vocab_size=exporter.tokenizer.vocab_size, dtype=storage)
-        return {k: v.to(device) for k, v in weights.items()}
+        state = exporter.gather_and_reshard_model(self.model_cfg, model, torch_dtype_from_precision(self.model_cfg.precision))
+        return rank_engine_weights(state, self.model_cfg, vocab_size=exporter.tokenizer.vocab_size, device=device)
 
     def _build(self, model) -> None:
         """NeMo's ``TensorRTLLM.build`` (mcore path) with this module's config and weights."""
