@@ -51,10 +51,11 @@ from nemo_guide.aligner.trt_export import ExportError, canonical_names, engine_d
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def engine_from_config(cfg, tokenizer) -> "GuideTRTLLMGenerate":
-    """The wrapper NeMo-Aligner's PPO actor builds from ``cfg`` (its ``__init__``), as a :class:`GuideTRTLLMGenerate`."""
+def engine_from_config(cfg, tokenizer, cls: type | None = None) -> "GuideTRTLLMGenerate":
+    """The wrapper NeMo-Aligner's PPO actor builds from ``cfg`` (its ``__init__``), as a
+    :class:`GuideTRTLLMGenerate` (or ``cls``: Aligner's own, to show the stock export's engine)."""
     ppo, trt_cfg = cfg.ppo, cfg.ppo.trt_llm
-    return GuideTRTLLMGenerate(
+    return (cls or GuideTRTLLMGenerate)(
         model_cfg=cfg,
         max_generation_length=ppo.length_params.get("max_length", 1024),
         max_input_len=trt_cfg.get("max_input_len", 1024),
