@@ -124,13 +124,15 @@ class GuideGRPOTrainer:
             if state["step"] == 0:
                 self.log(f"policy: {self.host.describe()}")
                 history["eval_before"] = before = self.validate(0)
-                self._log_row(logger, 0, {**before, **probed})
+                self._log_row(logger, 0, {**before, **probed, **self.host.take_perf_metrics()})  # the engine's build time
             for step in range(state["step"] + 1, run.steps + 1):
                 started = time.perf_counter()
                 idx = self.sampler.next(cfg.data.prompt_batch_size)  # 1. a batch of B prompts
-                self.host.take_perf_metrics()  # what validation and the probe generated is not this step's
+                # validation's and the probe's generation are not this step's; a refit they triggered serves it
+                carried = {k: v for k, v in self.host.take_perf_metrics().items() if k.startswith("time/")}
                 metrics = algorithm_step(cfg, self.host, self.reward_fn, self.loss_fn, self.prompts, idx, step)  # 2-10
-                metrics.update(self.host.take_perf_metrics())
+                perf = self.host.take_perf_metrics()
+                metrics.update({**perf, **{k: v + perf.get(k, 0.0) for k, v in carried.items()}})
                 if self.probe is not None and self.probe.every and step % self.probe.every == 0:
                     metrics.update(self.probe_engine(step))
                 metrics["train/epoch"] = float(self.sampler.epoch)
