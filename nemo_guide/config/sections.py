@@ -45,8 +45,7 @@ AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 """The values of :class:`nemo_guide.core.loss.Aggregation` (its registry's keys)."""
 KLEstimatorName = Literal["k1", "k2", "k3"]
 """The values of :class:`nemo_guide.core.kl.KLEstimator` (its registry's keys)."""
-RolloutCorrectionName = Literal["none", "tis"]
-"""The values of :class:`nemo_guide.core.mismatch.RolloutCorrection`."""
+RolloutCorrectionName = Literal["none", "tis"]  # the values of nemo_guide.core.mismatch.RolloutCorrection
 PromptStyleName = Literal["plain", "think_answer", "chat"]
 """The values of :class:`nemo_guide.data.templates.PromptStyle` (its registry's keys)."""
 RewardName = Literal["auto", "math", "exact"]
@@ -136,12 +135,7 @@ class AlgorithmConfig(_Section):
     ppo_epochs: int = 1
     """mu in Algorithm 1: update passes over each rollout batch."""
     rollout_correction: RolloutCorrectionName = "none"
-    """Correction of the sampler/trainer mismatch (a TensorRT-LLM engine samples, Megatron
-    scores): ``none`` (the paper) or ``tis``, truncated importance sampling: each counted
-    token's policy loss is weighted by ``min(pi_old / pi_sampler, tis_cap)``, with pi_old
-    behind the prompt the token was sampled with (the hinted one for guided rollouts). Needs
-    the sampler's per-token log-probs: a generator that cannot return them refuses it
-    (Megatron generation through NeMo-Aligner's ``infer`` returns none)."""
+    """Sampler/trainer mismatch correction: ``none`` (paper) or ``tis``, token losses times ``min(pi_old(sampling prompt) / pi_sampler, tis_cap)`` (needs the sampler's log-probs; README)."""
     tis_cap: float = 2.0
     """``rollout_correction=tis``: the truncation C of the importance weights (Yao et al. use 2)."""
 
@@ -401,10 +395,5 @@ class Config:
 
 
 SECTIONS: dict[str, type[_Section]] = {
-    "algorithm": AlgorithmConfig,
-    "generation": GenerationConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "backend": BackendConfig,
-    "run": RunConfig,
+    "algorithm": AlgorithmConfig, "generation": GenerationConfig, "data": DataConfig, "optim": OptimConfig, "backend": BackendConfig, "run": RunConfig,
 }
