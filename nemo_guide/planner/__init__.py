@@ -64,6 +64,30 @@ def plan_config(cfg: Mapping[str, Any], *, nodes: int | None = None, gpus_per_no
     return plan, (None if plan.fits else find_fix(base, plan, replan))
 
 
+def check_memory(cfg: Mapping[str, Any], *, gpu_memory_gib: float, source: str = "config") -> Plan | None:
+    """What ``python -m nemo_guide.aligner.train`` runs before building anything: the plan of
+    ``cfg`` (its own layout) on GPUs of ``gpu_memory_gib``. Returns None (and says why on stderr)
+    when the model's shape is unknown.
+
+    Raises:
+        RunError: the run does not fit (or cannot start); the message is the verdict with its fix.
+    """
+    import sys
+
+    from nemo_guide.errors import RunError
+
+    try:
+        plan, fix = plan_config(cfg, gpu_memory_gib=gpu_memory_gib, source=source)
+    except RunError as exc:
+        if "shape is unknown" not in str(exc):
+            raise
+        print(f"memory check skipped: {exc}", file=sys.stderr)
+        return None
+    if not plan.fits:
+        raise RunError(f"{source}: {verdict(plan, fix)}. Details: nemo-guide plan <config>; to start anyway set model.guide_memory_check=false")
+    return plan
+
+
 def gib(value: float) -> float:
     return round(value / GIB, 2)
 
