@@ -12,7 +12,8 @@ keys written in the config's ``model`` section. Keys read (NeMo's names):
 - layout: ``trainer.num_nodes``, ``trainer.devices``, ``model.tensor_model_parallel_size``,
   ``model.pipeline_model_parallel_size``, ``model.sequence_parallel``;
 - precision and optimizer: ``trainer.precision`` / ``model.precision``, ``model.megatron_amp_O2``,
-  ``model.optim.name``, ``model.optim.store_params``, ``model.ppo.offload_adam_states``;
+  ``model.optim.name``, ``model.optim.store_params``, ``model.optim.grad_sync_dtype``,
+  ``model.ppo.offload_adam_states``;
 - activations: ``model.micro_batch_size``, ``model.transformer_engine`` (flash attention),
   ``model.activations_checkpoint_granularity`` / ``_method`` / ``_num_layers``,
   ``model.guide_logprob_chunk_size``;
@@ -133,7 +134,8 @@ def plan_inputs(cfg: Mapping[str, Any], *, nodes: int | None = None, gpus_per_no
                     int(get(cfg, "model.ppo.length_params.max_length", config.generation.max_new_tokens)) if trt else config.generation.max_new_tokens,
                     reshard=bool(get(cfg, "model.ppo.trt_llm.reshard", False)), unload_during_training=bool(get(cfg, "model.ppo.trt_llm.unload_engine_train", False)))
     return PlanInputs(
-        shape, lay, work, precision(optim, half_params=half, fp16=prec_name in ("16", "16-mixed"), store_params=get(cfg, "model.optim.store_params")),
+        shape, lay, work, precision(optim, half_params=half, fp16=prec_name in ("16", "16-mixed"), store_params=get(cfg, "model.optim.store_params"),
+                  half_grads=str(get(cfg, "model.optim.grad_sync_dtype", "fp32")) in ("bf16", "fp16", "16", "torch.bfloat16", "torch.float16")),
         acts, engine, logprob_chunk=int(get(cfg, "model.guide_logprob_chunk_size", 1024)), with_entropy=config.algorithm.entropy_coef != 0,
         offload_optimizer=bool(get(cfg, "model.ppo.offload_adam_states", False)) and optim == "distributed_fused_adam",
         gpu_memory_gib=gpu_memory_gib,

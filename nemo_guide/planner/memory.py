@@ -100,7 +100,7 @@ class Precision:
     """Whether the optimizer state is split over the data-parallel ranks."""
 
 
-def precision(optimizer: str, *, half_params: bool, fp16: bool = False, store_params: bool | None = None) -> Precision:
+def precision(optimizer: str, *, half_params: bool, fp16: bool = False, store_params: bool | None = None, half_grads: bool = False) -> Precision:
     """Bytes per parameter for NeMo 2.1's optimizers.
 
     ``distributed_fused_adam`` (Apex): fp32 moments (8); master weights as 16-bit remainders
@@ -108,11 +108,12 @@ def precision(optimizer: str, *, half_params: bool, fp16: bool = False, store_pa
     ``mcore_distributed_optim``: megatron-core's table, fp32 main weights and moments (12 with
     half weights, 8 with fp32), fp32 gradients. Anything else (``fused_adam``, ``adam``):
     replicated; with O2 NeMo's ``MainParamsOptimizerWrapper`` keeps fp32 master weights and fp32
-    gradients for bf16 (18 bytes in all) or fp16 gradients for fp16 (ZeRO's 16 bytes)."""
+    gradients for bf16 (18 bytes in all) or fp16 gradients for fp16 (ZeRO's 16 bytes).
+    ``half_grads``: Apex's ``grad_sync_dtype`` set to bf16/fp16 (``model.optim.grad_sync_dtype``)."""
     p = 2 if half_params else 4
     if optimizer == "distributed_fused_adam":
         master = 0 if not half_params else (4 if store_params or fp16 else 2)
-        return Precision(p, 4, 8 + master, True)
+        return Precision(p, 2 if half_grads else 4, 8 + master, True)
     if optimizer == "mcore_distributed_optim":
         return Precision(p, 4, 8 + (4 if half_params else 0), True)
     if half_params:
