@@ -89,6 +89,10 @@ def _split_checkpoint(overrides: list[str]) -> tuple[list[str], str | None]:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from nemo_guide.commands.plan import is_aligner_config, run_aligner_config
+
+    if is_aligner_config(args.config):  # conf/aligner/*.yaml: the plugin's checks
+        return run_aligner_config(args)
     cfg = _load(args)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0

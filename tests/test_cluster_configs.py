@@ -54,6 +54,21 @@ def test_config_is_valid_and_fits_80gb(name):
     assert cfg["model"]["ppo"]["length_params"]["max_length"] == config.generation.max_new_tokens
 
 
+@pytest.mark.parametrize("name", [*CLUSTER, "tiny_cpu"])
+def test_nemo_guide_config_accepts_it(name, capsys):
+    from nemo_guide.cli import main
+
+    assert main(["config", str(CONF / f"{name}.yaml")]) == 0
+    assert '"trainer.guide"' in capsys.readouterr().out
+
+
+def test_nemo_guide_config_reports_a_bad_layout(capsys):
+    from nemo_guide.cli import main
+
+    assert main(["config", str(CONF / "qwen2_5_72b.yaml"), "trainer.devices=5"]) == 2
+    assert "does not divide the world size 40" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", CLUSTER)
 def test_header_arithmetic_is_the_planners(name):
     text = (CONF / f"{name}.yaml").read_text()

@@ -36,3 +36,27 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(plan_text(plan, fix, config=args.config))
     return 0 if plan.fits else 1
+
+
+def is_aligner_config(path: str) -> bool:
+    """Whether ``path`` is a NeMo-Aligner run config (it has a ``trainer.guide`` section)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(OmegaConf.load(path), "trainer.guide") is not None
+    except Exception:  # not YAML, missing: the embedded loader reports it in its words
+        return False
+
+
+def run_aligner_config(args: argparse.Namespace) -> int:
+    """``nemo-guide config`` on a NeMo-Aligner run config: ``guide_config``'s checks (every problem
+    at once), then the Guide sections as the trainer reads them and the run's layout."""
+    from nemo_guide.aligner.config import guide_config
+
+    cfg = load_run_config(args.config, list(args.overrides))
+    config = guide_config(cfg, source=args.config)
+    model, trainer = cfg.get("model") or {}, cfg.get("trainer") or {}
+    layout = {k: model.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel", "micro_batch_size", "encoder_seq_length")}
+    layout.update(num_nodes=trainer.get("num_nodes"), devices=trainer.get("devices"))
+    print(json.dumps({"trainer.guide": config.to_dict(), "layout": layout}, indent=2))
+    return 0
