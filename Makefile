@@ -50,13 +50,16 @@ test-aligner: install-aligner
 
 # The plugin's CPU main job: builtin:tiny-llama -> .nemo, then Guide-GRPO through NeMo-Aligner
 # (conf/aligner/tiny_cpu.yaml; resumes from runs/aligner/tiny_cpu when it has checkpoints).
+# Re-running continues the run from its newest checkpoint; ALIGNER_ARGS adds Hydra overrides
+# (e.g. ALIGNER_ARGS="trainer.guide.run.seed=1 exp_manager.explicit_log_dir=runs/aligner/seed1").
 ALIGNER_RUNS ?= runs/aligner
+ALIGNER_ARGS ?=
 aligner-demo: install-aligner
 	test -f $(ALIGNER_RUNS)/tiny_llama.nemo || $(ALIGNER_VENV)/bin/nemo-guide convert hf-to-nemo \
 		"$$($(ALIGNER_VENV)/bin/python -c 'from nemo_guide.backends.torch.models import builtin_path; print(builtin_path("builtin:tiny-llama"))')" \
 		$(ALIGNER_RUNS)/tiny_llama.nemo --dtype float32
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGNER_VENV)/bin/python tests_aligner/run_cpu.py --config-path $(CURDIR)/conf/aligner --config-name tiny_cpu \
-		pretrained_checkpoint.restore_from_path=$(ALIGNER_RUNS)/tiny_llama.nemo exp_manager.explicit_log_dir=$(ALIGNER_RUNS)/tiny_cpu
+		pretrained_checkpoint.restore_from_path=$(ALIGNER_RUNS)/tiny_llama.nemo exp_manager.explicit_log_dir=$(ALIGNER_RUNS)/tiny_cpu $(ALIGNER_ARGS)
 
 # Lint: the rules of pyproject.toml's [tool.ruff] (bugs, not style), with the ruff of the [dev] extra.
 lint: install

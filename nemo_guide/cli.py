@@ -89,6 +89,10 @@ def _split_checkpoint(overrides: list[str]) -> tuple[list[str], str | None]:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from nemo_guide.commands.plan import is_aligner_config, run_aligner_config
+
+    if is_aligner_config(args.config):  # conf/aligner/*.yaml: the plugin's checks
+        return run_aligner_config(args)
     cfg = _load(args)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
@@ -215,34 +219,10 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from nemo_guide.convert.errors import ConvertError
-
-    direction, nemo = args.direction, args.direction in ("hf-to-nemo", "nemo-to-hf")
-    for flag, value, allowed in (("--tokenizer", args.tokenizer, ("hf-to-nemo",)), ("--hf-config", args.hf_config, ("megatron-to-hf", "nemo-to-hf")),
-                                 ("--dtype auto", args.dtype == "auto" or None, ("hf-to-nemo", "nemo-to-hf"))):
-        if value is not None and direction not in allowed:
-            raise ConvertError(f"{flag} is an option of {' and '.join(allowed)}, not of {direction}")
-    dtype = args.dtype or ("auto" if nemo else "bfloat16")
-    try:
-        from nemo_guide.backends.megatron import checkpoint as mcheckpoint, nemo_checkpoint
-    except ImportError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    apply_threads(args.threads, "cpu")  # conversion reshapes and casts tensors on CPU
-    if direction == "hf-to-megatron":
-        out = mcheckpoint.hf_to_megatron_checkpoint(args.input, args.output, dtype=dtype)
-    elif direction == "megatron-to-hf":
-        out = mcheckpoint.megatron_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)
-    elif direction == "hf-to-nemo":
-        out = nemo_checkpoint.hf_to_nemo_checkpoint(args.input, args.output, dtype=dtype, tokenizer=args.tokenizer)
-    else:
-        out = nemo_checkpoint.nemo_to_hf_checkpoint(args.input, args.output, hf_config=args.hf_config, dtype=dtype)
-    print(f"wrote {out}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from nemo_guide.backends.torch.warmstart import ARCHS
+    from nemo_guide.commands import add_commands
+    from nemo_guide.commands.convert import run_convert
 
     parser = argparse.ArgumentParser(prog="nemo-guide", description="Guide-GRPO: adaptive guidance for RL of reasoning LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-config", default=None, help="megatron-to-hf / nemo-to-hf: the model's config.json, if the checkpoint holds none")
     p.add_argument("--tokenizer", default=None, help="hf-to-nemo: the tokenizer NeMo loads (model_config.yaml tokenizer.type): a directory or Hub name (default: the input directory, absolute)")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
-    p.set_defaults(func=_cmd_convert, parser=p)
+    p.set_defaults(func=run_convert, parser=p)
 
     p = sub.add_parser("warmstart", help="build a built-in policy by SFT on the digit-ops task (builtin:tiny; builtin:tiny-llama with --arch llama)")
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: the character-level decoder, one .safetensors file (default); llama: a Hugging Face LlamaForCausalLM directory")
@@ -332,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_warmstart, parser=p)
+    add_commands(sub)  # plan, doctor
     return parser
 
 
@@ -352,7 +333,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, ConvertError, DataError, RunError, *FILE_ERRORS)
 
 
-OVERRIDE_COMMANDS = ("config", "train", "eval")
+OVERRIDE_COMMANDS = ("config", "train", "eval", "plan")
 KEY_VALUE = re.compile(r"\+?[A-Za-z_][\w.]*=")
 
 

@@ -67,3 +67,15 @@ def test_kill_after_a_checkpoint_and_resume(single, tmp_path):
     assert sorted(resumed) == [0, 1, 2, 3]  # rows of the first part kept, none repeated
     for step in (2, 3):
         _same(full[step], resumed[step], keys=COMPARED + ("loss/policy", "plain/ratio_mean", "guided/ratio_mean", "guided/token_frac"))
+
+
+def test_time_limit_signal_checkpoints_and_the_rerun_resumes(single, tmp_path):
+    """SIGUSR1 during step 2 (no checkpoint due before step 3): every rank stops after step 2 with
+    its checkpoint and side file (train.main turns Preempted into exit code 75); the rerun, as a
+    requeued job, resumes there and its step 3 equals the uninterrupted run's."""
+    first = run_worker("train_steps.py", str(tmp_path / "first"), str(tmp_path), "3", "0", "2")[0]
+    assert first["preempted"] == 2
+    assert "guide_state-step=2.json" in first["checkpoints"] and "guide-step=2-last" in first["checkpoints"]
+    resumed = _rows(run_worker("train_steps.py", str(tmp_path / "out"), str(tmp_path), "3", "0")[0])
+    assert sorted(resumed) == [0, 1, 2, 3]
+    _same(_rows(single)[3], resumed[3], keys=COMPARED + ("loss/policy", "plain/ratio_mean"))

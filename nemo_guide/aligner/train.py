@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_guide.aligner.config import GUIDE, guide_config, probe_settings, prompt_limit
+from nemo_guide.aligner.preempt import PREEMPTED_EXIT, Preempted, StopRequest
 from nemo_guide.config import Config
 from nemo_guide.errors import RunError
 from nemo_guide.loop import load_prompts, reward_name
@@ -90,7 +91,8 @@ def prepare(cfg: DictConfig, *, source: str) -> tuple[Config, PromptSet, PromptS
         with open_dict(cfg):
             cfg.model = OmegaConf.merge(base, cfg.model)
     container: Any = OmegaConf.to_container(cfg, resolve=True)
-    config = guide_config(container, source=source)
+    config = guide_config(container, source=source, complete_model=bool(restore))
+    check_memory(container, source=source)
     tokenizer = CheckpointTokenizer(tokenizer_directory(cfg), int(cfg.model.encoder_seq_length))
     train_prompts, eval_prompts = load_prompts(config, tokenizer)
     limit, key = prompt_limit(container, config)
@@ -100,6 +102,18 @@ def prepare(cfg: DictConfig, *, source: str) -> tuple[Config, PromptSet, PromptS
         listed = ", ".join(f"{rid!r} ({n} tokens)" for rid, n in too_long[:10])
         raise RunError(f"{config.data.train}: {len(too_long)} prompt(s) longer than {limit} tokens ({key}), hinted ones included: {listed}; raise {key}")
     return config, train_prompts, eval_prompts
+
+
+def check_memory(container: dict, *, source: str) -> None:
+    """``nemo-guide plan``'s verdict for this GPU's memory, before anything is built; skipped on CPU
+    and with ``model.guide_memory_check=false`` (the planner estimates: it can be wrong)."""
+    import torch
+
+    if not torch.cuda.is_available() or not (container.get("model") or {}).get("guide_memory_check", True):
+        return
+    from nemo_guide.planner import check_memory as plan_check
+
+    plan_check(container, gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30, source=source)
 
 
 def run(cfg: DictConfig, *, source: str = "config", reward_fn=None, log=print) -> dict[str, Any]:
@@ -138,7 +152,8 @@ def run(cfg: DictConfig, *, source: str = "config", reward_fn=None, log=print) -
         log(f"resuming at step {state['step']} from {built.trainer.ckpt_path}")
     trainer = GuideGRPOTrainer(
         config, host, train_prompts, eval_prompts, reward_fn, loss_fn, ckpt_callback=built.ckpt_callback, checkpoint_dir=checkpoint_dir,
-        run_dir=log_dir / "guide", state=state, nemo_logger=built.logger, log=log, probe=probe_settings(OmegaConf.to_container(cfg, resolve=True)),
+        run_dir=log_dir / "guide", state=state, nemo_logger=built.logger, log=log, stop_requested=StopRequest(),
+        probe=probe_settings(OmegaConf.to_container(cfg, resolve=True)),
     )
     try:
         return trainer.fit()
@@ -156,6 +171,9 @@ def main() -> None:
         except (RunError, ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Preempted as exc:  # slurm/guide_grpo.sbatch requeues the job on this exit code
+            print(str(exc), file=sys.stderr)
+            raise SystemExit(PREEMPTED_EXIT) from None
 
     entry()
 

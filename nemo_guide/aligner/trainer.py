@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from nemo_guide.aligner.config import ProbeSettings
 from nemo_guide.aligner.host import AlignerHost
+from nemo_guide.aligner.preempt import Preempted, never
 from nemo_guide.aligner.probe import check, run_probe
 from nemo_guide.backends.base import LossFn
 from nemo_guide.checkpoint import atomic_write_text
@@ -103,6 +104,7 @@ class GuideGRPOTrainer:
         state: dict[str, Any],
         nemo_logger: Any = None,
         log: Callable[[str], None] = print,
+        stop_requested: Callable[[], bool] = never,
         probe: ProbeSettings | None = None,
     ) -> None:
         self.config, self.host, self.prompts, self.eval_prompts = config, host, prompts, eval_prompts
@@ -112,6 +114,7 @@ class GuideGRPOTrainer:
         self.rank0 = dist.get_rank() == 0
         self.log = log if self.rank0 else (lambda _msg: None)
         self.sampler = PromptSampler(len(prompts.records), config.run.seed, **state["sampler"])
+        self.stop_requested, self.saved_step = stop_requested, None
 
     def fit(self) -> dict[str, Any]:
         cfg, run, state = self.config, self.config.run, self.state
@@ -150,6 +153,8 @@ class GuideGRPOTrainer:
                          f"loss {metrics.get('loss/total', float('nan')):.4f}" + (f", eval {metrics['eval/pass1']:.3f}" if "eval/pass1" in metrics else ""))
                 if (run.save_every and step % run.save_every == 0) or step == run.steps:
                     self.save(step)
+                if step < run.steps and self.stop_requested():  # Slurm's time-limit signal (preempt.py)
+                    self.preempt(step)
         finally:
             if logger is not None:
                 logger.close()
@@ -177,8 +182,15 @@ class GuideGRPOTrainer:
                             temperature=gen.eval_temperature, top_p=gen.top_p, seed=step_seed(self.config.run.seed, step, EVAL_PHASE))
         return {**out, "time/eval": time.perf_counter() - started}
 
+    def preempt(self, step: int) -> None:
+        """Checkpoint ``step`` (unless just done) and raise :class:`Preempted` (exit code 75 in ``train.main``)."""
+        if self.saved_step != step:
+            self.save(step)
+        raise Preempted(step)
+
     def save(self, step: int) -> None:
         """The side file (rank 0, atomic), then Aligner's checkpoint (all ranks)."""
+        self.saved_step = step
         self.state.update(step=step, sampler=self.sampler.state())
         if self.rank0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
