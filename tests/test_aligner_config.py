@@ -110,7 +110,8 @@ def test_an_engine_run_with_matching_settings_and_the_correction_is_valid():
         ({"model.ppo.sampling_params.top_k": 50}, "model.ppo.sampling_params.top_k = 50"),
         ({"model.ppo.trt_llm": {"enable": True, "model_type": "gptnext"}}, "model.ppo.trt_llm.model_type = 'gptnext'"),
         ({"model.ppo.trt_llm": {"enable": True, "probe_every": -2}}, "model.ppo.trt_llm.probe_every = -2"),
-        ({"model.pipeline_model_parallel_size": 2, "trainer.devices": 2}, "model.ppo.trt_llm.reshard = false with pipeline parallelism"),
+        ({"model.pipeline_model_parallel_size": 2, "trainer.devices": 2, "model.share_embeddings_and_output_weights": True},
+         "model.share_embeddings_and_output_weights = true with a pipeline-parallel engine"),
         ({"trainer.guide.algorithm.tis_cap": 0.0}, "algorithm.tis_cap = 0.0: must be > 0"),
     ],
 )
@@ -118,6 +119,13 @@ def test_engine_settings_that_cannot_work_name_the_key(changes, expected):
     with pytest.raises(ConfigError) as err:
         guide_config(_cfg(**{**ENGINE, **changes}))
     assert expected in str(err.value)
+
+
+def test_absent_model_keys_are_nemos_defaults_only_once_the_nemo_is_merged():
+    partial = _cfg(**{"model.ppo.trt_llm": {"enable": True, "max_input_len": 64}, "model.encoder_seq_length": 256, "model.qkv_bias": True})
+    guide_config(partial)  # the run config alone: the .nemo holds the architecture
+    with pytest.raises(ConfigError, match=r"model.normalization = 'layernorm'"):
+        guide_config(partial, complete_model=True)  # prepare() after merging the .nemo's model config
 
 
 def test_the_engine_input_length_defaults_to_aligners():

@@ -25,7 +25,7 @@ from nemo_guide.aligner.trt_export import (
     trtllm_config,
     vocab_shard,
 )
-from nemo_guide.convert import ModelShape, hf_to_megatron, shard_tp, to_te_names
+from nemo_guide.convert import ModelShape, hf_to_megatron, pipeline_stage, shard_tp, to_te_names
 from nemo_guide.convert.nemo_file import nemo_model_config
 from trt_reference import engine_graph_logits
 
@@ -74,6 +74,13 @@ def test_a_model_that_cannot_be_exported_faithfully_is_refused_naming_the_field(
     assert any(field in p for p in export_problems(cfg))
     with pytest.raises(ExportError, match=field.replace("(", r"\(")):
         trtllm_config(cfg, vocab_size=30)
+
+
+def test_a_partial_model_config_is_checked_on_its_keys_only():
+    # a run config whose .nemo is not at hand: absent keys are not problems yet, present ones are
+    assert export_problems({"qkv_bias": True, "num_attention_heads": 4, "num_query_groups": 2}, complete=False) == []
+    assert any("model.bias = True" in p for p in export_problems({"bias": True}, complete=False))
+    assert any("model.share_embeddings_and_output_weights" in p for p in export_problems({**_nemo_cfg(tied=True)}, pp_size=2))
 
 
 def test_missing_keys_mean_what_nemo_assumes():
@@ -182,3 +189,30 @@ def test_engine_weights_refuse_a_state_dict_that_disagrees_with_the_config():
     no_bias = {k: v for k, v in sd.items() if not k.endswith("linear_qkv.bias")}
     with pytest.raises(ExportError, match=r"no 'decoder.layers.0.self_attention.linear_qkv.bias' \(model.qkv_bias = true\)"):
         engine_weights(no_bias, _nemo_cfg(), tp_size=1, tp_rank=0, vocab_size=30)
+
+
+def test_a_pipeline_parallel_engine_gets_each_stages_layers_and_ends():
+    """Engine PP=2 (no reshard): stage 0 holds the embedding and layers 0..L/2-1 numbered from 0, stage 1
+    the rest plus the final norm and lm_head; together they still compute the Hugging Face model."""
+    model = _hf_qwen2()
+    hf = dict(model.state_dict())
+    shape, tokens = _shape(), torch.tensor([3, 17, 5, 29, 0, 11])
+    cfg = trtllm_config(_nemo_cfg(), vocab_size=30, tp_size=2, pp_size=2)
+    full = hf_to_megatron(hf, shape)
+    stages = []
+    for stage in range(2):
+        part = pipeline_stage(full, shape, 2, stage)
+        ranks = [engine_weights(shard_tp(part, shape, 2, r) | {k: part[k] for k in ("embedding.word_embeddings.weight", "output_layer.weight") if k in part},
+                                _nemo_cfg(), tp_size=2, tp_rank=r, vocab_size=30, dtype=torch.float32, pp_size=2, pp_rank=stage) for r in range(2)]
+        assert all({k: tuple(v.shape) for k, v in w.items()} == engine_weight_shapes(cfg, pp_rank=stage) for w in ranks)
+        stages.append(ranks)
+    assert "transformer.vocab_embedding.weight" in stages[0][0] and "lm_head.weight" not in stages[0][0]
+    assert "transformer.ln_f.weight" in stages[1][0] and "transformer.vocab_embedding.weight" not in stages[1][0]
+    def shifted(name: str) -> str:  # stage 1's layer i is layer i + 1 of the model (one layer per stage)
+        parts = name.split(".")
+        return ".".join(parts[:2] + [str(int(parts[2]) + 1)] + parts[3:]) if name.startswith("transformer.layers.") else name
+
+    merged = [{**stages[0][r], **{shifted(k): v for k, v in stages[1][r].items()}} for r in range(2)]
+    with torch.no_grad():
+        reference = model(tokens[None]).logits[0].double()
+    torch.testing.assert_close(engine_graph_logits(merged, {**cfg, "pp_size": 1}, tokens), reference, rtol=1e-4, atol=1e-4)

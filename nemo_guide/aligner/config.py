@@ -104,9 +104,11 @@ def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
-def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
+def guide_config(cfg: Mapping[str, Any], *, source: str = "config", complete_model: bool = False) -> Config:
     """The embedded-backend :class:`~nemo_guide.config.Config` that the named steps read, from
     a plain-container Aligner config (``OmegaConf.to_container(cfg, resolve=True)``).
+    ``complete_model``: ``cfg["model"]`` holds the ``.nemo``'s whole model config (merged in), so
+    a key it lacks means NeMo's default (the TensorRT-LLM export check is then strict).
 
     Raises:
         ConfigError: every problem, each naming its key (``trainer.guide.*`` or ``model.*``) and the fix.
@@ -136,7 +138,7 @@ def guide_config(cfg: Mapping[str, Any], *, source: str = "config") -> Config:
         config = None
     problems += _layout_problems(cfg)
     if config is not None:
-        problems += _length_problems(cfg, config) + _engine_problems(cfg, config)
+        problems += _length_problems(cfg, config) + _engine_problems(cfg, config, complete_model)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -202,8 +204,9 @@ def prompt_limit(cfg: Mapping[str, Any], config: Config) -> tuple[int, str]:
     return min(limits)
 
 
-def _engine_problems(cfg: Mapping[str, Any], config: Config) -> list[str]:
-    """The TensorRT-LLM engine's settings against the Guide sections and the model; and
+def _engine_problems(cfg: Mapping[str, Any], config: Config, complete_model: bool) -> list[str]:
+    """The TensorRT-LLM engine's settings against the Guide sections and the model (absent model
+    keys count as NeMo's defaults only when ``complete_model``); and
     ``algorithm.rollout_correction``, which needs the sampler's per-token log-probs."""
     trt, gen, algo = _get(cfg, "model.ppo.trt_llm", {}) or {}, config.generation, config.algorithm
     if not trt.get("enable", False):
@@ -215,11 +218,10 @@ def _engine_problems(cfg: Mapping[str, Any], config: Config) -> list[str]:
     from nemo_guide.aligner.trt_export import export_problems  # torch, no NeMo
 
     _, out = ProbeSettings.parse(trt)
-    out += export_problems(dict(_get(cfg, "model", {})), tp_size=_get(cfg, "model.tensor_model_parallel_size", 1))
+    engine_pp = 1 if trt.get("reshard", False) else _get(cfg, "model.pipeline_model_parallel_size", 1)
+    out += export_problems(dict(_get(cfg, "model", {})), tp_size=_get(cfg, "model.tensor_model_parallel_size", 1), pp_size=engine_pp, complete=complete_model)
     if trt.get("model_type", "llama") != "llama":
         out.append(f"model.ppo.trt_llm.model_type = {trt['model_type']!r}: the Guide export builds Llama-architecture engines (Llama, Qwen2); set it to llama")
-    if _get(cfg, "model.pipeline_model_parallel_size", 1) > 1 and not trt.get("reshard", False):
-        out.append("model.ppo.trt_llm.reshard = false with pipeline parallelism: the Guide export builds PP=1 engines; set it true")
     length = _get(cfg, "model.ppo.length_params.max_length", ENGINE_MAX_NEW_TOKENS)
     if length != gen.max_new_tokens:
         out.append(f"model.ppo.length_params.max_length = {length} but {GUIDE}.generation.max_new_tokens = {gen.max_new_tokens}: "

@@ -75,10 +75,10 @@ def engine_from_config(cfg, tokenizer, cls: type | None = None) -> "GuideTRTLLMG
     )
 
 
-def rank_engine_weights(state: dict[str, torch.Tensor], model_cfg, *, vocab_size: int, device) -> dict[str, torch.Tensor]:
-    """This TP rank's engine weights from its Megatron state dict (every layer: pipeline stages
-    gathered): the vocabulary tensors all-gathered over the TP group first (the thin
-    communication step), then :func:`~nemo_guide.aligner.trt_export.engine_weights`."""
+def rank_engine_weights(state: dict[str, torch.Tensor], model_cfg, *, vocab_size: int, device, pp_size: int = 1, pp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's engine weights from its Megatron state dict (its engine stage's layers; every
+    layer for a PP=1 engine): the vocabulary tensors all-gathered over the TP group first (the
+    thin communication step), then :func:`~nemo_guide.aligner.trt_export.engine_weights`."""
     state = canonical_names(state)
     tp_group, tp = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
     for key in VOCAB_KEYS:
@@ -87,7 +87,7 @@ def rank_engine_weights(state: dict[str, torch.Tensor], model_cfg, *, vocab_size
             dist.all_gather(parts, state[key].contiguous(), group=tp_group)
             state[key] = torch.cat(parts)
     weights = engine_weights(state, model_cfg, tp_size=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(), vocab_size=vocab_size,
-                             dtype=torch_dtype_from_precision(model_cfg.precision))
+                             dtype=torch_dtype_from_precision(model_cfg.precision), pp_size=pp_size, pp_rank=pp_rank)
     return {k: v.to(device) for k, v in weights.items()}
 
 
@@ -103,6 +103,7 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
         """``[B, S]``: the log-prob of the token at each position of the last call's output (0 on the prompt)."""
         self.timings: dict[str, float] = {}
         self.trt_cfg: dict | None = None
+        self.pp_rank = 0
 
     # -- modes -------------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
     def _weights(self, model, device) -> dict[str, torch.Tensor]:
         exporter = self.trt_llm_exporter
         state = exporter.gather_and_reshard_model(self.model_cfg, model, torch_dtype_from_precision(self.model_cfg.precision))
-        return rank_engine_weights(state, self.model_cfg, vocab_size=exporter.tokenizer.vocab_size, device=device)
+        return rank_engine_weights(state, self.model_cfg, vocab_size=exporter.tokenizer.vocab_size, device=device, pp_size=exporter.pp_size, pp_rank=self.pp_rank)
 
     def _build(self, model) -> None:
         """NeMo's ``TensorRTLLM.build`` (mcore path) with this module's config and weights."""
@@ -149,6 +150,7 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
         gpus_per_node = max(devices) + 1
         exporter.use_refit, exporter.model_type, exporter.gpus_per_node = True, self.trt_model_type, gpus_per_node
         exporter.mp_rank, exporter.dp_rank, exporter.tp_size, exporter.pp_size, exporter.dp_size = init_model_parallel_from_nemo(self.reshard_model)
+        self.pp_rank = 0 if exporter.pp_size == 1 else parallel_state.get_pipeline_model_parallel_rank()  # the engine's stage
         exporter.tokenizer = build_tokenizer(self.tokenizer)
         if exporter.dp_size > 1:
             exporter.model_dir = os.path.join(exporter.model_dir, f"dp_rank{exporter.dp_rank}")
@@ -167,7 +169,7 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
             json.dump(engine.config.to_dict(), f, indent=4)
         tensorrt_llm_run.load_distributed(exporter.model_dir, exporter.mp_rank, gpus_per_node)
         held = self._held_weights()
-        problems = refit_problems({k: v.numel() for k, v in weights.items()}, held, engine_weight_shapes(self.trt_cfg))
+        problems = refit_problems({k: v.numel() for k, v in weights.items()}, held, engine_weight_shapes(self.trt_cfg, pp_rank=self.pp_rank))
         if problems:
             raise ExportError("the built TensorRT-LLM engine does not hold the exported weights:\n  " + "\n  ".join(problems))
 
@@ -180,7 +182,7 @@ class GuideTRTLLMGenerate(GPTGenerateTRTLLM):
         """NeMo's ``tensorrt_llm_run.refit`` without its silent skips."""
         decoder = tensorrt_llm_run.tensorrt_llm_worker_context.decoder
         refitter = trt.Refitter(decoder.session.runtime.engine, trt.Logger(trt.Logger.ERROR))
-        problems = refit_problems({k: v.numel() for k, v in weights.items()}, self._held_weights(), engine_weight_shapes(self.trt_cfg))
+        problems = refit_problems({k: v.numel() for k, v in weights.items()}, self._held_weights(), engine_weight_shapes(self.trt_cfg, pp_rank=self.pp_rank))
         if problems:
             raise ExportError("refitting the TensorRT-LLM engine would not give the trainer's model:\n  " + "\n  ".join(problems))
         dtype = tensorrt_llm_run.maybe_cast_to_trt_dtype(decoder.session.dtype)

@@ -46,6 +46,8 @@ _PREFIXES = ("decoder.", "embedding.", "output_layer.")
 NEMO_DEFAULTS = {"mcore_gpt": False, "bias": True, "normalization": "layernorm", "position_embedding_type": "learned_absolute",
                  "transformer_block_type": "pre_ln", "activation": "gelu"}
 """What NeMo 2.1's ``MegatronGPTModel`` assumes for a model config key that is absent."""
+EXPORTABLE = {**NEMO_DEFAULTS, "mcore_gpt": True, "bias": False, "normalization": "rmsnorm", "position_embedding_type": "rope", "activation": "swiglu"}
+"""The same keys with exportable values: what an absent key counts as while the model config is partial."""
 
 
 class ExportError(RunError):
@@ -81,11 +83,16 @@ def engine_dtype(precision: Any) -> str:
     raise ExportError(f"model.precision = {precision!r}: the TensorRT-LLM export knows bf16, 16 and 32")
 
 
-def export_problems(model_cfg: Mapping[str, Any], *, tp_size: int = 1) -> list[str]:
+def export_problems(model_cfg: Mapping[str, Any], *, tp_size: int = 1, pp_size: int = 1, complete: bool = True) -> list[str]:
     """Every reason the export cannot reproduce ``model_cfg`` (a NeMo model config), each
     naming the ``model.<field>`` and what to do. Empty: exportable (Llama, Qwen2, Mistral
-    without sliding windows: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias)."""
-    cfg = {**NEMO_DEFAULTS, **{k: v for k, v in nemo_fields(model_cfg).items() if v is not None}}
+    without sliding windows: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias).
+
+    ``complete``: ``model_cfg`` is the whole model config (the ``.nemo``'s merged in), so an
+    absent key means NeMo's default (:data:`NEMO_DEFAULTS`); False checks present keys only (a
+    run config whose ``.nemo`` is not at hand). ``pp_size``: the engine's pipeline stages."""
+    given = {k: v for k, v in nemo_fields(model_cfg).items() if v is not None}
+    cfg = {**(NEMO_DEFAULTS if complete else EXPORTABLE), **given}
     fix = "; generate with Megatron instead (model.ppo.trt_llm.enable = false)"
     out = []
     checks = [
@@ -109,11 +116,13 @@ def export_problems(model_cfg: Mapping[str, Any], *, tp_size: int = 1) -> list[s
     heads, groups = _get(cfg, "num_attention_heads", 1), _get(cfg, "num_query_groups", _get(cfg, "num_attention_heads", 1))
     if groups % tp_size or heads % tp_size:
         out.append(f"model.num_query_groups = {groups} / model.num_attention_heads = {heads}: not divisible by tensor_model_parallel_size = {tp_size}")
+    if pp_size > 1 and _get(cfg, "share_embeddings_and_output_weights", False):
+        out.append("model.share_embeddings_and_output_weights = true with a pipeline-parallel engine: set model.ppo.trt_llm.reshard = true (a PP=1 engine)")
     return out
 
 
-def _require_exportable(cfg: Mapping[str, Any], tp_size: int) -> None:
-    problems = export_problems(cfg, tp_size=tp_size)
+def _require_exportable(cfg: Mapping[str, Any], tp_size: int, pp_size: int = 1) -> None:
+    problems = export_problems(cfg, tp_size=tp_size, pp_size=pp_size)
     if problems:
         raise ExportError("the model cannot be exported to TensorRT-LLM faithfully:\n  " + "\n  ".join(problems))
 
@@ -129,7 +138,7 @@ def trtllm_config(model_cfg: Mapping[str, Any], *, vocab_size: int, tp_size: int
         ExportError: the model cannot be exported faithfully (:func:`export_problems`).
     """
     cfg = nemo_fields(model_cfg)
-    _require_exportable(cfg, tp_size)
+    _require_exportable(cfg, tp_size, pp_size)
     if dtype not in DTYPES:
         raise ExportError(f"dtype = {dtype!r}: choose one of {', '.join(DTYPES)}")
     heads = int(cfg["num_attention_heads"])
@@ -173,16 +182,20 @@ def trtllm_config(model_cfg: Mapping[str, Any], *, vocab_size: int, tp_size: int
     }
 
 
-def engine_weight_shapes(trt_cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every weight one TP rank's engine holds, with its shape, for a :func:`trtllm_config` dict."""
-    tp = int(trt_cfg["tp_size"])
+def engine_weight_shapes(trt_cfg: Mapping[str, Any], *, pp_rank: int = 0) -> dict[str, tuple[int, ...]]:
+    """Every weight one rank's engine holds, with its shape, for a :func:`trtllm_config` dict:
+    its pipeline stage's layers numbered from 0, the embedding on the first stage, the final
+    norm and ``lm_head`` on the last."""
+    tp, pp = int(trt_cfg["tp_size"]), int(trt_cfg["pp_size"])
     h, f, d = trt_cfg["hidden_size"], trt_cfg["intermediate_size"], trt_cfg["head_size"]
     q, kv = trt_cfg["num_attention_heads"] * d // tp, trt_cfg["num_key_value_heads"] * d // tp
     rows = math.ceil(trt_cfg["vocab_size"] / tp)
-    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (rows, h), "transformer.ln_f.weight": (h,)}
-    if not trt_cfg["share_embedding_table"]:
-        shapes["lm_head.weight"] = (rows, h)
-    for i in range(trt_cfg["num_hidden_layers"]):
+    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (rows, h)} if pp_rank == 0 else {}
+    if pp_rank == pp - 1:
+        shapes["transformer.ln_f.weight"] = (h,)
+        if not trt_cfg["share_embedding_table"]:
+            shapes["lm_head.weight"] = (rows, h)
+    for i in range(trt_cfg["num_hidden_layers"] // pp):
         p = f"transformer.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (h,),
@@ -225,13 +238,15 @@ def vocab_shard(full: torch.Tensor, vocab_size: int, tp_size: int, tp_rank: int)
 
 
 def engine_weights(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[str, Any], *, tp_size: int, tp_rank: int, vocab_size: int,
-                   dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """One TP rank's engine weights (TensorRT-LLM names, shapes of :func:`engine_weight_shapes`).
+                   dtype: torch.dtype = torch.bfloat16, pp_size: int = 1, pp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """One rank's engine weights (TensorRT-LLM names, shapes of :func:`engine_weight_shapes`).
 
     Args:
-        state_dict: this TP rank's Megatron GPT state dict with every layer (pipeline stages
-            gathered), any names :func:`canonical_names` reads; its ``embedding.word_embeddings.weight``
-            (and ``output_layer.weight``) *whole*, every TP rank's rows concatenated.
+        state_dict: this rank's Megatron GPT state dict: the layers of its pipeline stage
+            numbered from 0 (every layer for a PP=1 engine, stages gathered), any names
+            :func:`canonical_names` reads; its ``embedding.word_embeddings.weight`` (first stage)
+            and ``output_layer.weight`` (last stage) *whole*, every TP rank's rows concatenated.
+        pp_size, pp_rank: the engine's pipeline stages and this rank's stage.
         model_cfg: the NeMo model config (or a Hugging Face ``config.json`` dict).
         vocab_size: the tokenizer's vocabulary (Megatron's padding rows are dropped).
         dtype: the engine's weight dtype.
@@ -241,7 +256,7 @@ def engine_weights(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[st
         zero ``attention.dense.bias`` when the model has ``qkv_bias``.
     """
     cfg = nemo_fields(model_cfg)
-    _require_exportable(cfg, tp_size)
+    _require_exportable(cfg, tp_size, pp_size)
     sd = canonical_names(state_dict)
     heads = int(cfg["num_attention_heads"])
     groups, h = int(_get(cfg, "num_query_groups", heads)) // tp_size, int(cfg["hidden_size"])
@@ -259,11 +274,14 @@ def engine_weights(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[st
         q, k, v = grouped[:, :per], grouped[:, per], grouped[:, per + 1]
         return torch.cat([q.reshape(-1, *t.shape[1:]), k.reshape(-1, *t.shape[1:]), v.reshape(-1, *t.shape[1:])])  # [q; k; v]
 
-    out = {"transformer.vocab_embedding.weight": vocab_shard(take("embedding.word_embeddings.weight"), vocab_size, tp_size, tp_rank),
-           "transformer.ln_f.weight": take("decoder.final_layernorm.weight")}
-    if not _get(cfg, "share_embeddings_and_output_weights", False):
-        out["lm_head.weight"] = vocab_shard(take("output_layer.weight"), vocab_size, tp_size, tp_rank)
-    for i in range(int(cfg["num_layers"])):
+    out = {}
+    if pp_rank == 0:
+        out["transformer.vocab_embedding.weight"] = vocab_shard(take("embedding.word_embeddings.weight"), vocab_size, tp_size, tp_rank)
+    if pp_rank == pp_size - 1:
+        out["transformer.ln_f.weight"] = take("decoder.final_layernorm.weight")
+        if not _get(cfg, "share_embeddings_and_output_weights", False):
+            out["lm_head.weight"] = vocab_shard(take("output_layer.weight"), vocab_size, tp_size, tp_rank)
+    for i in range(int(cfg["num_layers"]) // pp_size):
         m, t = f"decoder.layers.{i}.", f"transformer.layers.{i}."
         for unexpected in ("self_attention.linear_proj.bias", "mlp.linear_fc1.bias", "mlp.linear_fc2.bias"):
             if m + unexpected in sd:
