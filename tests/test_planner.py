@@ -170,10 +170,13 @@ def test_a_fix_is_verified_by_replanning():
 
 
 def test_layout_errors_stop_the_plan():
+    """4 KV heads cannot split over TP=8: the config check (which the planner runs first, exit 2
+    in `nemo-guide plan`) names the key before any memory is estimated."""
+    from nemo_guide.config import ConfigError
     from nemo_guide.planner import plan_config
 
-    plan, _ = plan_config(_cfg(tensor_model_parallel_size=8))  # 4 KV heads
-    assert not plan.fits and any("num_query_groups" in p for p in plan.problems)
+    with pytest.raises(ConfigError, match="num_query_groups"):
+        plan_config(_cfg(tensor_model_parallel_size=8))
 
 
 def test_shape_from_the_nemo_and_disagreement_refused(tmp_path):
