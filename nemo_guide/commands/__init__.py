@@ -23,8 +23,9 @@ def _positive_int(value: str) -> int:
 
 
 def add_commands(sub) -> None:
-    """``plan`` and ``doctor``."""
+    """``plan``, ``doctor`` and ``experiment``."""
     from nemo_guide.commands.doctor import run_doctor
+    from nemo_guide.commands.experiment import run_experiment
     from nemo_guide.commands.plan import run_plan
 
     p = sub.add_parser("plan", help="per-GPU memory and tokens per step of a NeMo-Aligner run config, and whether it fits (no GPU needed)")
@@ -41,3 +42,13 @@ def add_commands(sub) -> None:
     p.add_argument("--no-import", action="store_true", help="versions from package metadata only; skip the import probes (image builds)")
     p.add_argument("--check-pins", action="store_true", help="exit 1 unless NeMo, NeMo-Aligner, megatron-core and TensorRT-LLM have the pinned versions")
     p.set_defaults(func=run_doctor, parser=p)
+
+    p = sub.add_parser("experiment", help="a grid of `nemo-guide train` runs (config keys x seeds) and one report of tables over seeds")
+    p.add_argument("grid", help="the grid file, e.g. conf/experiments/paper.yaml (format: nemo_guide/experiment/grid.py)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, each in its own process (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per run (default: CPU cores / --jobs)")
+    p.add_argument("--resume", action="store_true", help="continue a grid directory: skip finished runs, resume the others")
+    p.add_argument("--out", default=None, help="output directory instead of the grid's output_dir")
+    p.add_argument("--check", action="store_true", help="check the grid file and list its runs; run nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs; run nothing")
+    p.set_defaults(func=run_experiment, parser=p)
