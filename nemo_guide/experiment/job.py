@@ -46,8 +46,8 @@ def eval_metrics(samples: Path, kinds: dict[str, str], ks: tuple[int, ...]) -> d
         sampled = [p for p in problems if p.n > 0]
         if sampled:
             entry["pass1_mean"] = sum(p.c / p.n for p in sampled) / len(sampled)
-            for k in ks:
-                if k <= min(p.n for p in sampled):
+            for k in ks:  # pass1 is the greedy answer's; pass@1 of samples is pass1_mean
+                if 1 < k <= min(p.n for p in sampled):
                     entry[f"pass{k}"] = sum(pass_at_k(p.n, p.c, k) for p in sampled) / len(sampled)
         out[kind] = entry
     return out
