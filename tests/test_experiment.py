@@ -97,10 +97,11 @@ def test_eval_metrics_by_kind(tmp_path):
         rows.append({"benchmark": "x", "id": pid, "sample": 0, "guided": True, "correct": True})  # ignored
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = eval_metrics(path, {"a": "known", "b": "novel"}, (1, 2))
+    m = eval_metrics(path, {"a": ("known", "op:+"), "b": ("novel",)}, (1, 2))
     assert m["all"]["pass1"] == 0.5 and m["all"]["pass1_mean"] == 0.25
     assert m["all"]["pass2"] == 0.5  # a: 1 - C(1,2)/C(2,2) = 1; b: 0
     assert m["known"]["pass1"] == 1.0 and m["known"]["pass2"] == 1.0 and m["novel"]["pass2"] == 0.0
+    assert m["op:+"] == m["known"]
 
 
 def test_metric_values_and_mean_std(tmp_path):

@@ -43,8 +43,8 @@ from nemo_guide.config import ConfigError
 EVAL_KINDS = ("all", "known", "novel", "unseen", "rare")
 TRAIN_AGGS = ("first", "last", "mean", "min", "max")
 METRIC_HELP = (
-    "eval.<pass1|pass1_mean|passK>.<all|known|novel|unseen|rare> (final held-out evaluation without hints: greedy pass@1, "
-    "mean over samples, pass@K with K in eval.k), train.<first|last|mean|min|max>.<metrics.jsonl key> "
+    "eval.<pass1|pass1_mean|passK>.<all|known|novel|unseen|rare|op:SYMBOL> (final held-out evaluation without hints: "
+    "greedy pass@1, mean over samples, pass@K with K in eval.k; by kind or by operator, e.g. op:#), train.<first|last|mean|min|max>.<metrics.jsonl key> "
     "(e.g. train.first.guided/ratio_p50), or summary.<summary.json key> (e.g. summary.wall_seconds)"
 )
 TOP_KEYS = ("description", "base", "output_dir", "seeds", "set", "eval", "tables", "progress")
@@ -156,9 +156,9 @@ def _check_metric(metric: Any, ks: tuple[int, ...]) -> str | None:
     parts = metric.split(".", 2)
     if parts[0] == "eval":
         ok_names = {"pass1", "pass1_mean", *(f"pass{k}" for k in ks)}
-        if len(parts) == 3 and parts[1] in ok_names and parts[2] in EVAL_KINDS:
+        if len(parts) == 3 and parts[1] in ok_names and (parts[2] in EVAL_KINDS or (parts[2].startswith("op:") and len(parts[2]) > 3)):
             return None
-        return f"{metric!r}: use eval.<{'|'.join(sorted(ok_names))}>.<{'|'.join(EVAL_KINDS)}> (pass@K needs K in eval.k)"
+        return f"{metric!r}: use eval.<{'|'.join(sorted(ok_names))}>.<{'|'.join(EVAL_KINDS)}|op:SYMBOL> (pass@K needs K in eval.k)"
     if parts[0] == "train":
         if len(parts) == 3 and parts[1] in TRAIN_AGGS and parts[2]:
             return None

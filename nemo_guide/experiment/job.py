@@ -23,11 +23,12 @@ DONE = "done.json"
 EXPERIMENT_DIR = "experiment"
 
 
-def eval_metrics(samples: Path, kinds: dict[str, str], ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """Per kind (``all`` and each record kind): greedy pass@1, mean pass@1 of samples, pass@k (unguided rows).
+def eval_metrics(samples: Path, kinds: dict[str, tuple[str, ...]], ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Per group (``all``, each record kind, each operator ``op:<symbol>``): greedy pass@1 (``pass1``),
+    mean pass@1 of the samples (``pass1_mean``), unbiased pass@k (``passK``), over unguided rows.
 
     Args:
-        kinds: record id -> kind (``known``, ``novel``, ...); ids without one count in ``all`` only.
+        kinds: record id -> the groups it belongs to besides ``all`` (e.g. ``("novel", "op:#")``).
     """
     from nemo_guide.eval_report import problem_stats
     from nemo_guide.evaluation import read_samples
@@ -35,8 +36,8 @@ def eval_metrics(samples: Path, kinds: dict[str, str], ks: tuple[int, ...]) -> d
     stats = [p for p in problem_stats(read_samples(samples)).values() if not p.guided]
     groups: dict[str, list] = {"all": stats}
     for p in stats:
-        if p.id in kinds:
-            groups.setdefault(kinds[p.id], []).append(p)
+        for group in kinds.get(p.id, ()):
+            groups.setdefault(group, []).append(p)
     out: dict[str, dict[str, float]] = {}
     for kind, problems in groups.items():
         entry: dict[str, float] = {"problems": float(len(problems))}
@@ -53,8 +54,8 @@ def eval_metrics(samples: Path, kinds: dict[str, str], ks: tuple[int, ...]) -> d
     return out
 
 
-def record_kinds(config: str, args: list[str], limit: int | None) -> dict[str, str]:
-    """Held-out record id -> its ``kind`` field (built-in task), for per-kind metrics."""
+def record_kinds(config: str, args: list[str], limit: int | None) -> dict[str, tuple[str, ...]]:
+    """Held-out record id -> its groups: the ``kind`` and ``op:<symbol>`` of built-in task records."""
     from nemo_guide.config import load_config
     from nemo_guide.evaluation import load_benchmarks
 
@@ -62,9 +63,10 @@ def record_kinds(config: str, args: list[str], limit: int | None) -> dict[str, s
     out = {}
     for bench in load_benchmarks([], cfg.data.train, cfg.data.eval, limit if limit is not None else cfg.data.eval_limit):
         for rec in bench.records:
-            kind = rec.extra.get("kind") if rec.extra else None
-            if isinstance(kind, str):
-                out[str(rec.id)] = kind
+            extra = rec.extra or {}
+            groups = [extra["kind"]] if isinstance(extra.get("kind"), str) else []
+            groups += [f"op:{extra['op']}"] if isinstance(extra.get("op"), str) else []
+            out[str(rec.id)] = tuple(groups)
     return out
 
 
