@@ -30,21 +30,28 @@ rule with threshold ``never``. Then
 improvement of a sampled update, E[J(theta + eta g)] - J(theta), to first order in eta,
 which is the order the theorem speaks about.
 
-What the exact sums show (the tests pin each):
+What the exact sums show (the tests pin each). In every case all prompts are unsolved (greedy
+answer wrong), so J's change is the theorem's Delta R over U divided by Q.
 - tabular policy, paper's rule (``all_incorrect``, guided rollouts join the failed plain ones
-  in one group): the guided advantage is ``c~ / 2`` summed over the group before
-  normalisation, so the assumption holds whenever a hint has any mass on a correct answer,
-  and Guide's first-order term exceeds GRPO's, even when the hint lowers the success rate:
-  with exact importance weights the guided rollouts are an unbiased estimate of an
-  on-policy gradient, the hint changes only their variance;
+  in one group): the guided rollouts' centred rewards sum to ``c~ / 2``, so the assumption
+  holds whenever a hint has any mass on a correct answer, and Guide's first-order term
+  exceeds GRPO's, even when the hint lowers the success rate ten-fold. With exact importance
+  weights each guided rollout's expected contribution is a positive multiple of grad p_q
+  whatever the hint: the hint enters only through the group's advantage values (and the
+  variance, which this model does not see);
 - a hint with no mass on the correct answers: the assumption fails (the guided advantage is
   0) and the two updates coincide, so the strict inequality fails;
 - the authors' ``replace`` group: the guided advantage is 0 by construction (a z-normalised
   group sums to 0), the assumption never holds, yet Guide still beats GRPO: the assumption
   is not necessary;
-- parameters shared between prompts: the assumption holds and Guide does *worse* than
-  GRPO at first order: the proof's Eq. 34 drops the cross-prompt terms
-  <grad log pi(y_q|x_q), grad log pi(y_q'|x_q')>, so the assumption is not sufficient.
+- guidance on every prompt (``always``) with a hint that lowers the success rate: A~ < 0, the
+  assumption fails, and Guide still beats GRPO; with ``always`` and ``replace`` and a mild
+  hint, A~ = 0 and Guide loses slightly: a z-normalised group's expected step along grad p is
+  smallest at p = 1/2, and the hint moves the guided groups towards 1/2;
+- one parameter shared by two unsolved prompts: the assumption holds and Guide's first-order
+  change of J is *negative* while GRPO's is positive: the proof's Eq. 34 drops the
+  cross-prompt terms <grad log pi(y_q|x_q), grad log pi(y_q'|x_q')>, so the assumption is
+  not sufficient once prompts share parameters (as they do in a network).
 
 Run ``python -m nemo_guide.theory --out docs/theorem1.png`` for the table and the figure.
 """
@@ -177,6 +184,12 @@ def grpo(k: int = 4, **kw) -> UpdateRule:
 def expected_return(bandit: Bandit, theta: torch.Tensor | None = None) -> torch.Tensor:
     """J(theta) = mean over prompts of the plain policy's success probability. 0-dim."""
     return (bandit.plain_probs(theta) * bandit.rewards).sum(-1).mean()
+
+
+def unsolved(bandit: Bandit) -> torch.Tensor:
+    """The theorem's U: prompts whose greedy (most probable) plain response is wrong (paper Section 2.1:
+    unsolved by pass@1). Shape: ``[Q]``, bool."""
+    return bandit.rewards.gather(-1, bandit.plain_probs().argmax(-1, keepdim=True)).squeeze(-1) == 0
 
 
 def return_gradient(bandit: Bandit) -> torch.Tensor:
@@ -401,12 +414,13 @@ def _hard_prompts(hint: float) -> Bandit:
 
 
 def _interference() -> Bandit:
-    """Two prompts, two responses (correct first), one shared parameter that helps prompt 0 and hurts
-    prompt 1: logits of the correct answer ``theta - 3`` and ``1 - theta``. Prompt 0 is hard (p ~ 0.05,
-    guided most steps), prompt 1 easy (p ~ 0.73, rarely guided) and more sensitive to theta."""
-    features = torch.tensor([[[1.0], [0.0]], [[-1.0], [0.0]]])  # [Q=2, R=2, D=1]
-    offset = torch.tensor([[-3.0, 0.0], [1.0, 0.0]])
-    bias = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    """Two unsolved prompts, two responses (correct first), one parameter shared by both: the correct
+    answer's logit is ``theta - 3`` for prompt 0 and ``-0.3 theta - 0.5`` for prompt 1, so theta helps
+    prompt 0 and hurts prompt 1. Prompt 0 is hard (p ~ 0.05, guided in ~82% of steps), prompt 1 less so
+    (p ~ 0.38, guided in ~15%) and more sensitive to theta (|d p_1 / d theta| ~ 0.070 > 0.045)."""
+    features = torch.tensor([[[1.0], [0.0]], [[-0.3], [0.0]]])  # [Q=2, R=2, D=1]
+    offset = torch.tensor([[-3.0, 0.0], [-0.5, 0.0]])
+    bias = torch.tensor([[3.0, 0.0], [3.0, 0.0]])
     return Bandit(features, offset, bias, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.zeros(1))
 
 
@@ -418,7 +432,7 @@ def cases(k: int = 4) -> list[Case]:
         Case("misleading hint", _hard_prompts(-2.0), paper, "hint lowers p~ ten-fold: assumption still holds (union group), Guide > GRPO by almost as much"),
         Case("hint never correct", _hard_prompts(float("-inf")), paper, "p~ = 0, A~ = 0: assumption fails, Guide = GRPO exactly (no strict gain)"),
         Case("replace group", _hard_prompts(3.0), UpdateRule(k=k, group=GuidedGroupMode.REPLACE), "authors' group layout: A~ = 0 by construction, assumption fails, yet Guide > GRPO"),
-        Case("shared parameter", _interference(), paper, "one parameter helps the hard prompt and hurts the easy one: assumption holds, Guide < GRPO"),
+        Case("shared parameter", _interference(), paper, "one parameter helps one unsolved prompt and hurts the other: assumption holds, Guide's first-order change is negative, GRPO's positive"),
         Case(
             "always, misleading hint",
             _hard_prompts(-2.0),
@@ -446,6 +460,7 @@ def evaluate(case: Case) -> list[dict]:
             {
                 "case": case.name,
                 "rule": case.guide.describe(),
+                "unsolved": f"{int(unsolved(case.bandit).sum())}/{case.bandit.num_prompts}",
                 "eta": eta,
                 "dJ_grpo": float(improvement(case.bandit, g_grpo, eta)),
                 "dJ_guide": float(improvement(case.bandit, g_guide, eta)),
@@ -468,44 +483,45 @@ def compare(guide: float, grpo: float, rel: float = 1e-9) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`evaluate` rows."""
-    head = "| case | Guide rule | eta | dJ GRPO | dJ Guide | eta<gradJ,g> GRPO | eta<gradJ,g> Guide | E[A~] | assumption | Guide > GRPO (1st order) |"
+    head = "| case | Guide rule | U | eta | dJ GRPO | dJ Guide | eta<gradJ,g> GRPO | eta<gradJ,g> Guide | E[A~] | assumption | Guide > GRPO (1st order) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         verdict = compare(row["first_guide"], row["first_grpo"])
         lines.append(
-            f"| {row['case']} | {row['rule']} | {row['eta']:g} | {row['dJ_grpo']:.3e} | {row['dJ_guide']:.3e} | {row['first_grpo']:.3e} | "
+            f"| {row['case']} | {row['rule']} | {row['unsolved']} | {row['eta']:g} | {row['dJ_grpo']:.3e} | {row['dJ_guide']:.3e} | {row['first_grpo']:.3e} | "
             f"{row['first_guide']:.3e} | {row['assumption']:+.3f} | {'holds' if row['holds'] else 'fails'} | {verdict} |"
         )
     return "\n".join(lines)
 
 
-def plot(case_rows: dict[str, list[dict]], out: Path, etas: torch.Tensor) -> Path:
-    """Improvement vs eta for GRPO and Guide, one panel per case, first-order lines dashed."""
+def plot(case_rows: dict[str, dict], out: Path, etas: torch.Tensor) -> Path:
+    """Improvement per unit step, (J(theta + eta E[g]) - J(theta)) / eta, vs eta for GRPO and Guide, one
+    panel per case; the first-order terms <grad J, E[g]> are the dashed levels the curves reach as eta -> 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(case_rows)
-    cols = 3
-    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((len(names) + cols - 1) // cols)), squeeze=False)
+    cols, rows = 3, (len(names) + 2) // 3
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.7 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         case = case_rows[name]
         for label, color, curve, slope in (
             ("GRPO", "tab:blue", case["dJ_grpo"], case["slope_grpo"]),
             ("Guide", "tab:orange", case["dJ_guide"], case["slope_guide"]),
         ):
-            ax.plot(etas, curve, "-", color=color, label=f"{label}: J(theta+eta E[g]) - J")
-            ax.plot(etas, etas * slope, "--", color=color, alpha=0.6, label=f"{label}: eta <grad J, E[g]>")
+            ax.plot(etas, curve / etas, "-", color=color, label=f"{label}: (J(theta + eta E[g]) - J) / eta")
+            ax.axhline(slope, color=color, ls="--", alpha=0.7, label=f"{label}: first order <grad J, E[g]>")
         ax.set_xscale("log")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title(f"{name}\nE[A~] = {case['assumption']:+.3f} ({'holds' if case['assumption'] > ASSUMPTION_TOL else 'fails'})", fontsize=9)
+        verdict = "holds" if case["assumption"] > ASSUMPTION_TOL else "fails"
+        ax.set_title(f"{name} ({case['rule']})\nE[A~] = {case['assumption']:+.3f}: assumption {verdict}", fontsize=9)
         ax.set_xlabel("step size eta")
-        ax.set_ylabel("improvement of J")
+        ax.set_ylabel("improvement of J / eta")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Theorem 1, exact expectations on a softmax bandit (k = %d)" % case_rows[names[0]]["k"])
+    fig.suptitle("Theorem 1 on a softmax bandit: exact expected updates, GRPO vs Guide-GRPO")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -541,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slope_grpo": float(grad @ g["grpo"]),
                 "slope_guide": float(grad @ g["guide"]),
                 "assumption": float(assumption_value(case.bandit, case.guide)),
-                "k": args.k,
+                "rule": case.guide.describe(),
             }
         print(f"\nwrote {plot(curves, args.out, etas)}")
     return 0
@@ -567,5 +583,6 @@ __all__: list[str] = [
     "monte_carlo_update",
     "return_gradient",
     "tabular",
+    "unsolved",
     "update_coefficients",
 ]
