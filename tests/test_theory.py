@@ -235,7 +235,8 @@ def test_grpo_step_per_unit_gradient_is_smallest_at_one_half():
     # towards 1/2. Mean-only advantages give (k-1)/k = 0.75 at every p.
     def scale(p, normalize_std):
         bandit = tabular(torch.tensor([[math.log(p / (1 - p)), 0.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
-        grad_p = bandit.plain_probs() * (bandit.rewards - p)  # [1, 2]
+        pi = bandit.plain_probs()
+        grad_p = pi * (bandit.rewards - (pi * bandit.rewards).sum(-1, keepdim=True))  # [1, 2]
         return float(expected_logit_update(bandit, grpo(4, normalize_std=normalize_std))[0, 0] / grad_p[0, 0])
 
     assert scale(0.5, True) == pytest.approx(1.3995, abs=1e-4)
