@@ -27,7 +27,9 @@ def preallocated_cache(model: torch.nn.Module, capacity: int):
         cache = _hf.DynamicCache(config=model.config)
     except TypeError:  # a DynamicCache that takes no config: layer types unknown
         return None
-    if not cache.layers or any(type(layer) is not _hf.DynamicLayer for layer in cache.layers):
+    if not cache.layers or any(
+        type(layer) is not _hf.DynamicLayer for layer in cache.layers
+    ):
         return None
     cache.layers = [_BufferLayer(capacity) for _ in cache.layers]
     return cache
@@ -45,27 +47,45 @@ def _buffer_layer_class():
             self.capacity = capacity
             self.filled = 0
 
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        def lazy_initialization(
+            self, key_states: torch.Tensor, value_states: torch.Tensor
+        ) -> None:
             """Buffers Shape: ``[B, n_kv_head, capacity, d_head]``, from the first update's states."""
             b, h, _, d = key_states.shape
             self.device = key_states.device
-            self._key_buffer = torch.empty((b, h, self.capacity, d), dtype=key_states.dtype, device=self.device)
-            self._value_buffer = torch.empty((b, h, self.capacity, value_states.shape[-1]), dtype=value_states.dtype, device=self.device)
-            self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]
+            self._key_buffer = torch.empty(
+                (b, h, self.capacity, d), dtype=key_states.dtype, device=self.device
+            )
+            self._value_buffer = torch.empty(
+                (b, h, self.capacity, value_states.shape[-1]),
+                dtype=value_states.dtype,
+                device=self.device,
+            )
+            self.keys, self.values = (
+                self._key_buffer[:, :, :0],
+                self._value_buffer[:, :, :0],
+            )
             self.filled = 0
             self.is_initialized = True
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             """Write ``[B, n_kv_head, T, d_head]`` states after the filled positions; return the filled views."""
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self.filled + key_states.shape[-2]
             if end > self.capacity:
-                raise ValueError(f"the preallocated KV cache holds {self.capacity} positions, a forward reached {end}; allocate it for the whole call")
+                raise ValueError(
+                    f"the preallocated KV cache holds {self.capacity} positions, a forward reached {end}; allocate it for the whole call"
+                )
             self._key_buffer[:, :, self.filled : end] = key_states
             self._value_buffer[:, :, self.filled : end] = value_states
             self.filled = end
-            self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+            self.keys, self.values = (
+                self._key_buffer[:, :, :end],
+                self._value_buffer[:, :, :end],
+            )
             return self.keys, self.values
 
     return BufferLayer
