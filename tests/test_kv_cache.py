@@ -11,6 +11,8 @@ from nemo_guide.backends.torch.tiny import (
     KVBuffer,
     TinyConfig,
     TinyDecoder,
+    decode_positions_and_bias,
+    positions_and_attention,
     sampling_step,
 )
 
@@ -104,6 +106,39 @@ def test_kv_buffer_holds_the_grown_cache(tiny_model):
         assert torch.equal(buffer.keys[layer], k) and torch.equal(
             buffer.values[layer], v
         )
+
+
+def test_decode_mask_hand_computed():
+    # Row 0: [pad, pad, a, b, new] -> the new token is the 3rd real one: position 2; it attends
+    # to columns 2, 3, 4. Row 1: [a, pad, b, pad, new(pad)] -> 2 real tokens before it, none at
+    # it: position 1 (the count up to it, minus 1), and a padded query still sees itself.
+    mask = torch.tensor(
+        [[False, False, True, True, True], [True, False, True, False, False]]
+    )
+    positions, bias = decode_positions_and_bias(mask, torch.float32)
+    assert positions.tolist() == [[2], [1]]
+    inf = float("-inf")
+    assert bias.shape == (2, 1, 1, 5)
+    assert bias[:, 0, 0].tolist() == [
+        [inf, inf, 0.0, 0.0, 0.0],
+        [0.0, inf, 0.0, inf, 0.0],
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decode_mask_equals_the_general_one(seed):
+    """One new token: the same positions, and a bias that is 0 exactly where the general mask
+    attends, over random masks (left padding, holes, an all-padding row, a padded new column)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(6, 11, generator=g) > 0.4  # [B, S]
+    mask[0] = False
+    mask[1, -1] = False
+    positions, attend = positions_and_attention(mask, 1)  # [B, 1], [B, 1, S]
+    fast_positions, bias = decode_positions_and_bias(mask, torch.float32)
+    assert torch.equal(fast_positions, positions)
+    assert torch.equal(bias[:, 0] == 0, attend) and torch.equal(
+        bias[:, 0] == float("-inf"), ~attend
+    )
 
 
 def test_kv_buffer_refuses_to_overflow(tiny_model):

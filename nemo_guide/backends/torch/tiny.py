@@ -173,31 +173,71 @@ class TinyDecoder(nn.Module):
         s = attention_mask.shape[1]
         past = s - t
         mask = attention_mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+        if isinstance(cache, KVBuffer) and t == 1 and past:
+            positions, attn = decode_positions_and_bias(mask, self.tok_emb.weight.dtype)  # [B, 1], [B, 1, 1, S]
+        else:
+            positions, attn = positions_and_attention(mask, t)  # [B, T], [B, T, S]
+            attn = attn[:, None]  # [B, 1, T, S]
         # positions <= S - 1, so only a sequence longer than max_seq_len needs the (synchronising) check
         if s > self.cfg.max_seq_len and positions.numel() and int(positions.max()) >= self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {int(positions.max()) + 1} tokens is longer than the tiny model's "
                 f"max_seq_len = {self.cfg.max_seq_len}; shorten prompts or generation.max_new_tokens"
             )
-        q_idx = torch.arange(past, s, device=input_ids.device)  # [T]
-        k_idx = torch.arange(s, device=input_ids.device)  # [S]
-        causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
-        attn = causal[None] & mask[:, None, :]  # [B, T, S]
-        attn = attn | (k_idx[None, None, :] == q_idx[None, :, None])  # a padded query sees itself: no empty rows
         x = self.tok_emb(input_ids) + self.pos_emb(positions)
         if isinstance(cache, KVBuffer):
             for i, block in enumerate(self.blocks):
-                x, _ = block(x, attn[:, None], (cache, i, past))
+                x, _ = block(x, attn, (cache, i, past))
             return self.ln_f(x), cache
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, attn[:, None], None if cache is None else cache[i])
+            x, kv = block(x, attn, None if cache is None else cache[i])
             new_cache.append(kv)
         return self.ln_f(x), new_cache
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def positions_and_attention(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the last ``t`` columns and what each of them attends to.
+
+    Args:
+        mask: True on real tokens. Shape: ``[B, S]``.
+
+    Returns:
+        ``(positions [B, T], attend [B, T, S])``: a position counts the real tokens up to it
+        (left padding does not shift it); a query attends to the real tokens at or before it,
+        and a padded query to itself (no empty rows).
+    """
+    s = mask.shape[1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, s - t :]  # [B, T]
+    q_idx = torch.arange(s - t, s, device=mask.device)  # [T]
+    k_idx = torch.arange(s, device=mask.device)  # [S]
+    causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
+    attend = causal[None] & mask[:, None, :]  # [B, T, S]
+    attend = attend | (k_idx[None, None, :] == q_idx[None, :, None])  # a padded query sees itself
+    return positions, attend
+
+
+def decode_positions_and_bias(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`positions_and_attention` for one new token (``t = 1``), in fewer operations.
+
+    The last column's cumulative count is the row's count of real tokens, and the causal part
+    is all True, so the query attends to the real tokens and to itself. The attention comes as
+    the additive bias (0 where attended, -inf elsewhere) that ``scaled_dot_product_attention``
+    would otherwise build from the boolean mask in every layer.
+
+    Args:
+        mask: True on real tokens. Shape: ``[B, S]``.
+
+    Returns:
+        ``(positions [B, 1], bias [B, 1, 1, S])``.
+    """
+    positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))  # [B, S]
+    bias[:, -1] = 0.0  # the query sees itself
+    return positions, bias[:, None, None, :]
 
 
 def sampling_step(model: TinyDecoder):
