@@ -14,8 +14,9 @@ adds one ``generate`` call on the guided prompts. Its ideal generation time is G
 ``1 + guided fraction`` (as many guided rollouts as plain ones, per guided prompt); the table
 shows the measured ratio, the ideal one and their quotient (the issue's target: <= 1.05 at
 k*B >= 48), the same quotient from the ``generate`` calls' process CPU time (steadier than
-wall-clock time on a shared machine), and the two calls' decode steps (the longest response
-of each call bounds its number of forward passes).
+wall-clock time on a shared machine), a "work ideal" that also counts the positions each
+call runs (the hinted prompts are longer; see ``_work_ideal``), and the two calls' decode
+steps (the longest response of each call bounds its number of forward passes).
 
 Each (k, B, mode, checkout) runs in a fresh subprocess: one warm-up step, then ``--repeats``
 timed steps (median). ``--before PATH`` adds the same runs with another checkout's
@@ -130,7 +131,8 @@ def run_one(
 
 
 def _timed(method, calls: list):
-    """``method`` (a backend's generate), appending ``(rows, longest response, wall s, CPU s)`` per call to ``calls``."""
+    """``method`` (a backend's generate), appending ``(rows, longest response, wall s, CPU s,
+    widest prompt)`` per call to ``calls``."""
 
     def wrapper(prompts, **kwargs):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -141,6 +143,7 @@ def _timed(method, calls: list):
                 max((len(r) for r in result[0]), default=0),
                 time.perf_counter() - wall,
                 time.process_time() - cpu,
+                max((len(p) for p in prompts), default=0),
             )
         )
         return result
@@ -268,6 +271,17 @@ def _fmt(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _work_ideal(calls) -> float | None:
+    """Guide/GRPO generation time if it were proportional to the positions each call runs
+    (rows x (widest prompt + decode steps)): 1 + guided call's / plain call's. Unlike
+    ``1 + guided fraction`` it counts the hinted prompts' extra length and the two calls'
+    different decode steps; what remains above it is the per-call and per-token fixed cost."""
+    if not calls:
+        return None
+    plain = calls[0][0] * (calls[0][4] + calls[0][1])
+    return 1 + sum(c[0] * (c[4] + c[1]) for c in calls[1:]) / plain
+
+
 def _print(configs, checkouts, results, args) -> None:
     import torch
 
@@ -322,6 +336,7 @@ def _print(configs, checkouts, results, args) -> None:
             steps = (
                 "/".join(str(call[1]) for call in runs[-1]["calls"]) if runs else "-"
             )
+            work = _work_ideal(runs[-1]["calls"]) if runs else None
             rows.append(
                 [
                     str(k),
@@ -334,6 +349,11 @@ def _print(configs, checkouts, results, args) -> None:
                     _fmt(None if measured is None else measured / ideal, "{:.3f}"),
                     _fmt(
                         None if measured_cpu is None else measured_cpu / ideal, "{:.3f}"
+                    ),
+                    _fmt(work, "{:.2f}"),
+                    _fmt(
+                        None if measured is None or not work else measured / work,
+                        "{:.3f}",
                     ),
                     steps,
                 ]
@@ -349,6 +369,8 @@ def _print(configs, checkouts, results, args) -> None:
             "measured",
             "measured/ideal",
             "CPU-time measured/ideal",
+            "work ideal",
+            "measured/work ideal",
             "decode steps plain/guided",
         ],
         rows,
