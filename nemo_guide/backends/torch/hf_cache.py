@@ -36,6 +36,8 @@ def preallocated_cache(model: torch.nn.Module, capacity: int):
 
 
 def _buffer_layer_class():
+    """The buffered layer class, a subclass of transformers' ``DynamicLayer`` (None where this
+    transformers has none, as :func:`preallocated_cache` then never builds one)."""
     if _hf.DynamicLayer is None:
         return None
 
