@@ -9,6 +9,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("Hugging Face models need the 'hf' extra: pip install -e '.[hf]'") from exc
 
+try:  # per-layer cache objects (transformers >= 4.56); older versions keep their growing cache
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - exercised only with an old transformers
+    DynamicCache = DynamicLayer = None
+
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 """5 renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=...``."""
 
@@ -16,6 +21,8 @@ __all__ = [
     "AddedToken",
     "AutoModelForCausalLM",
     "AutoTokenizer",
+    "DynamicCache",
+    "DynamicLayer",
     "GenerationConfig",
     "LlamaConfig",
     "LlamaForCausalLM",

@@ -144,7 +144,14 @@ class HFAdapter:
         return model.get_output_embeddings().weight
 
     def step(self, model: nn.Module):
-        def fn(ids: torch.Tensor, mask: torch.Tensor, cache: Any):
+        """``sampling.generate``'s step; with a ``capacity``, the KV cache is allocated once on the
+        prefill call where transformers allows it (``hf_cache.preallocated_cache``)."""
+
+        def fn(ids: torch.Tensor, mask: torch.Tensor, cache: Any, capacity: int | None = None):
+            if cache is None and capacity is not None:
+                from nemo_guide.backends.torch.hf_cache import preallocated_cache
+
+                cache = preallocated_cache(model, capacity)  # None: the model grows its own
             positions = positions_from_mask(mask)[:, -ids.shape[1]:]
             out = model(
                 input_ids=ids,

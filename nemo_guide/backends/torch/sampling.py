@@ -1,10 +1,17 @@
 """Batched autoregressive sampling with a KV cache (temperature, top-p, EOS, length limit).
 
-The model is reached through one callable, ``step(input_ids, attention_mask, cache) ->
-(last_logits, cache)``, so the built-in decoder and any Hugging Face causal LM share this
+The model is reached through one callable, ``step(input_ids, attention_mask, cache, capacity)
+-> (last_logits, cache)``, so the built-in decoder and any Hugging Face causal LM share this
 loop. Prompts are left-padded; ``attention_mask`` marks real tokens, and the model derives
 positions from it. Randomness comes only from the ``generator`` argument, so a fixed seed
 reproduces the same rollouts.
+
+Nothing grows per token: the attention mask of the whole call is built once (prompt columns,
+then all-True columns for the generated tokens; finished rows keep decoding pads) and each
+call sees a view of its first ``S`` columns, and ``capacity`` (the longest sequence of the
+call) lets the step allocate its KV cache once on the prefill call (``cache`` None). A view
+holds the same values in the same shape as the tensor ``torch.cat`` would have grown, so the
+sampled tokens are the same bit for bit (``preallocate=False`` keeps the growing path).
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+StepFn = Callable[[torch.Tensor, torch.Tensor, Any, "int | None"], tuple[torch.Tensor, Any]]
+"""``step(ids [B, T], mask [B, S], cache, capacity) -> (last_logits [B, V], cache)``: ``capacity``
+is the most positions ``S`` the call will reach (None: the step grows its cache)."""
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +96,12 @@ def generate(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     return_logprobs: bool = False,
+    preallocate: bool = True,
 ):
     """Sample one response per prompt.
+
+    ``preallocate=False`` grows the mask and the KV cache by ``torch.cat`` at every token (the
+    reference of the preallocated path: the same tokens and log-probs).
 
     Returns:
         ``(responses, finished)``: response token ids (ending with the EOS token when the
@@ -99,9 +112,16 @@ def generate(
     if not eos_ids:
         raise ValueError("generation needs at least one EOS token id")
     ids, mask = left_pad(prompts, pad_id, device)
-    logits, cache = step(ids, mask, None)  # [B, V]
+    batch, width = ids.shape
+    fed = max(0, max_new_tokens - 1)  # generated tokens fed back (the last sampled one never is)
+    capacity = width + fed
+    if preallocate:
+        # [B, P + max_new_tokens - 1]: generated columns are real for every row (finished rows decode pads)
+        full_mask = torch.cat([mask, torch.ones((batch, fed), dtype=torch.bool, device=device)], dim=1)
+        logits, cache = step(ids, full_mask[:, :width], None, capacity)  # [B, V]
+    else:
+        logits, cache = step(ids, mask, None, None)
     eos = torch.as_tensor(list(eos_ids), device=device)
-    batch = ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     length = torch.zeros(batch, dtype=torch.long, device=device)
@@ -117,8 +137,11 @@ def generate(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
-        mask = torch.cat([mask, torch.ones_like(done)[:, None]], dim=1)  # [B, S + 1]
-        logits, cache = step(tok[:, None], mask, cache)
+        if preallocate:
+            mask = full_mask[:, : width + t + 1]  # [B, S + 1], a view
+        else:
+            mask = torch.cat([mask, torch.ones_like(done)[:, None]], dim=1)  # [B, S + 1]
+        logits, cache = step(tok[:, None], mask, cache, capacity if preallocate else None)
     out, length, done = out.cpu(), length.cpu(), done.cpu()
     responses = [out[i, : int(length[i])].tolist() for i in range(batch)]
     if return_logprobs:
