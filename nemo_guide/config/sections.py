@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 Mode = Literal["grpo", "filter_grpo", "guide_grpo", "sft"]
 OldLogprobContext = Literal["sampling", "plain"]
+OldLogprobsName = Literal["reuse", "recompute"]
 GuidanceThresholdName = Literal["all_incorrect", "mostly_incorrect", "always", "never"]
 """The values of :class:`nemo_guide.core.guidance.GuidanceThreshold` (its registry's keys)."""
 GuidedGroupName = Literal["union", "replace"]
@@ -106,6 +107,18 @@ class AlgorithmConfig(_Section):
     """Denominator of a guided token's ratio: ``sampling`` = pi_old on the hinted prompt
     (paper Eq. 6); ``plain`` = pi_old on the plain prompt (Appendix D's unstable variant,
     which learns where the hint supplies steps the plain policy gives ~0 probability)."""
+    old_logprobs: OldLogprobsName = "reuse"
+    """Where pi_old comes from. ``reuse``: when the update is on-policy (``ppo_epochs = 1`` and one
+    mini-batch: ``optim.mini_batch_size`` null or >= the step's trained rollouts), the weights that
+    score the loss are pi_old's, so a trained rollout whose pi_old context is its plain prompt (every
+    plain rollout; guided ones too with ``old_logprob_context=plain``) takes pi_old, and its entropy
+    for ``train/entropy``, from the training forward, detached, instead of a forward of its own.
+    Guided rollouts with ``old_logprob_context=sampling`` keep their hinted-prompt forward, and
+    ``rollout_correction=tis`` with ``old_logprob_context=sampling`` recomputes every row (its
+    weights need pi_old before the update). Bit-identical to ``recompute`` where the backend's
+    forward does not depend on how rows are batched (the embedded backend on CPU; a test checks).
+    ``recompute``: a forward of its own for every rollout, before any update (off-policy updates
+    always do this)."""
     clip_low: float = 0.2
     """PPO clip: ratios below 1 - clip_low are clipped (plain tokens)."""
     clip_high: float = 0.2
