@@ -231,9 +231,11 @@ def test_reuse_equals_recompute_bit_for_bit(tiny_cfg, overrides):
     assert all(torch.equal(a, b) for a, b in zip(reuse["weights"], recompute["weights"], strict=True))
     # pi_old's entropy. With old_logprob_context=sampling, recompute scores plain rows in one forward
     # with hinted prompts, so with more left padding than the training forward gives them (here 10
-    # columns: every plain prompt has 8 tokens, every hinted one 18); the CPU attention kernel's
-    # reductions over keys depend on where a row's keys start (modulo 16 columns), which moves the
-    # entropies of the tiny policy's near-certain tokens by ~1e-10 but not their log-probs.
+    # columns: every plain prompt has 8 tokens, every hinted one 18). torch's CPU
+    # scaled_dot_product_attention reduces over keys in blocks counted from column 0, so a row's
+    # outputs move in the last bits when its keys start elsewhere (a shift that is not a multiple
+    # of 16 columns, on this AVX-512 machine): hidden states move by ~1e-6, the entropies of the tiny policy's near-certain tokens by
+    # ~1e-10, and their log-probs (z - logsumexp, at float32 resolution) not at all.
     if n_guided and cfg.algorithm.old_logprob_context == "sampling":
         torch.testing.assert_close(reuse["entropy"], recompute["entropy"], rtol=0, atol=1e-8)
     else:
@@ -262,3 +264,27 @@ def test_training_runs_log_the_same_metrics_with_reuse_and_recompute(tiny_cfg, o
         logged[mode] = _comparable(read_metrics(cfg.run.run_dir))
     assert all(math.isfinite(r["train/entropy"]) for r in logged["reuse"][1:])
     assert repr(logged["reuse"]) == repr(logged["recompute"])  # repr: NaN equals NaN
+
+
+def test_torch_train_step_reports_the_entropy_of_the_rows_it_scored(tiny_cfg):
+    """TRAIN_ENTROPY: the training forward's entropy in the mini-batch's row order, zero on padding;
+    an update stopped by a non-finite loss leaves the rows it never scored NaN."""
+    cfg = tiny_cfg()
+    backend = make_backend(cfg)
+    prompt, responses = backend.encode("Q:12+3="), [backend.encode(s, add_special_tokens=False) for s in ("A:15", "A:1", "A:155", "A:9", "A:42")]
+    batch = build_batch([prompt] * 5, [prompt] * 5, responses, torch.zeros(5), torch.arange(5), torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool))
+    batch = batch.with_(advantages=torch.ones(5), old_logprobs=torch.zeros(batch.loss_mask.shape))
+    with torch.no_grad():
+        _, expected = backend.logprobs(batch, "plain", with_entropy=True, micro_batch_size=2)  # the same layout
+    calls = []
+
+    def loss_fn(micro, logprobs, entropy, totals):
+        calls.append(len(micro))
+        return logprobs.sum() * (float("nan") if len(calls) == 2 else 1.0), {}
+
+    out = backend.train_step(batch, loss_fn, micro_batch_size=2, with_entropy=True)
+    assert calls == [2, 2] and out["optim/skipped"] == 1.0  # the second micro-batch stopped the update
+    entropy = out[TRAIN_ENTROPY]
+    assert torch.equal(entropy[:4], expected[:4]) and entropy[4].isnan().all()
+    assert (entropy[1, 3:] == 0).all() and (entropy[1, :3] > 0).all()  # "A:1" has 3 tokens
+    assert TRAIN_ENTROPY not in backend.train_step(batch, loss_fn, micro_batch_size=5)

@@ -115,8 +115,10 @@ class AlgorithmConfig(_Section):
     for ``train/entropy``, from the training forward, detached, instead of a forward of its own.
     Guided rollouts with ``old_logprob_context=sampling`` keep their hinted-prompt forward, and
     ``rollout_correction=tis`` with ``old_logprob_context=sampling`` recomputes every row (its
-    weights need pi_old before the update). Bit-identical to ``recompute`` where the backend's
-    forward does not depend on how rows are batched (the embedded backend on CPU; a test checks).
+    weights need pi_old before the update). The loss and gradients equal ``recompute``'s bit for
+    bit where both forwards give a row the same log-probs (the embedded CPU backend with the tiny
+    policy: tests/test_old_logprobs.py); elsewhere they differ by float rounding, and ``reuse``'s
+    ratio is exactly 1 on every reused token, as pi_old = pi_theta on-policy.
     ``recompute``: a forward of its own for every rollout, before any update (off-policy updates
     always do this)."""
     clip_low: float = 0.2
