@@ -48,6 +48,7 @@ from nemo_guide.config import Config
 from nemo_guide.data.sources import default_reward, load_split, resolve_eval
 from nemo_guide.errors import RunError
 from nemo_guide.evaluation import heldout_pass1
+from nemo_guide.on_policy import old_from_current_rows, update_on_policy, with_current_entropy
 from nemo_guide.prompts import PromptSampler, PromptSet, PromptSettings, encode_prompts, require_usable
 from nemo_guide.rewards import RewardFn, make_reward
 from nemo_guide.rundir import Interrupted, interrupts_as_errors, plan_run, run_directory
@@ -56,7 +57,6 @@ from nemo_guide.steps import (
     choose_guidance,
     dual_context_batch,
     groups_and_advantages,
-    old_from_current_rows,
     policy_loss_fn,
     sample_and_score,
     sft_batch,
@@ -65,8 +65,6 @@ from nemo_guide.steps import (
     step_seed,
     trained_rows,
     update,
-    update_on_policy,
-    with_current_entropy,
     with_old_logprobs,
     with_rollout_correction,
 )

@@ -10,12 +10,13 @@ data, so a host decides only where things run:
 :func:`choose_guidance`     step 4: which prompts get k hinted rollouts
 :func:`groups_and_advantages`  steps 7-8: groups S(q), advantages, Filter-GRPO
 :func:`dual_context_batch`  the batch of DESIGN section 3 (plain + sampling prompt)
-:func:`old_from_current_rows`  step 9: the rows whose pi_old step 10's forward provides
 :func:`with_old_logprobs`   step 9: pi_old behind the sampling prompt (and pi_ref)
 :func:`update`              step 10: ``mu`` epochs of mini-batch updates
-:func:`update_on_policy`    step 10 on-policy: one update, with pi_old's entropy from its forward
 :func:`step_metrics`        step 11: the logged metrics of one step
 ==========================  ======================================================
+
+An on-policy update takes pi_old of rows sampled behind the plain prompt from its own forward
+instead of step 9's (``algorithm.old_logprobs=reuse``): :mod:`nemo_guide.on_policy`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nemo_guide.core.advantages import equal_reward_groups, group_advantages
 from nemo_guide.core.guidance import assemble_groups, select_for_guidance
 from nemo_guide.core.loss import guide_policy_loss
 from nemo_guide.core.mismatch import RolloutCorrection, truncated_importance_weights
+from nemo_guide.on_policy import mini_batches, trained_index
 from nemo_guide.prompts import Prompt
 from nemo_guide.rewards import CORRECT_ABOVE, RewardFn
 from nemo_guide.tracking import reduce_metrics
@@ -226,11 +228,6 @@ def sft_batch(tokenizer: PromptTokenizer, prompts: Sequence[Prompt], solutions: 
     return build_batch(ids, ids, responses, torch.zeros(n), torch.arange(n), torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
 
 
-def trained_index(batch: RolloutBatch) -> torch.Tensor:
-    """Shape: ``[n]``, long: the rows of ``batch`` with at least one token in the loss, in order."""
-    return torch.nonzero(batch.loss_mask.any(-1)).squeeze(-1)
-
-
 def trained_rows(batch: RolloutBatch) -> RolloutBatch:
     """The rollouts with at least one token in the loss."""
     return batch.select(trained_index(batch))
@@ -239,43 +236,15 @@ def trained_rows(batch: RolloutBatch) -> RolloutBatch:
 # -- step 9 ------------------------------------------------------------------------------
 
 
-def old_from_current_rows(batch: RolloutBatch, algo: AlgorithmConfig, mini_batch_size: int | None) -> torch.Tensor:
-    """The rows whose pi_old the training forward provides (``algorithm.old_logprobs=reuse``).
-
-    The update is on-policy when it is one optimizer step on the pre-update weights: one epoch
-    (``ppo_epochs = 1``) of one mini-batch (``mini_batch_size`` None or at least the trained
-    rows). Then pi_old(response | plain prompt) is the training forward's log pi_theta, for
-    every trained row whose pi_old context is its plain prompt: plain rollouts, and guided ones
-    with ``old_logprob_context=plain``. Never with ``recompute``, SFT (its update is not on the
-    rollouts), or ``rollout_correction=tis`` with ``old_logprob_context=sampling``: its
-    weights, computed before the update, need pi_old of every row.
-
-    Returns:
-        Shape: ``[N]``, bool.
-    """
-    trained = batch.loss_mask.any(-1)  # [N]
-    none = torch.zeros(len(batch), dtype=torch.bool)
-    on_policy = algo.ppo_epochs == 1 and (mini_batch_size is None or mini_batch_size >= int(trained.sum()))
-    needs_old_first = algo.rollout_correction != "none" and algo.old_logprob_context == "sampling"
-    if algo.old_logprobs == "recompute" or algo.mode == "sft" or not on_policy or needs_old_first:
-        return none
-    if algo.old_logprob_context == "plain":
-        return trained
-    same_prompt = torch.tensor([p == s for p, s in zip(batch.plain_prompt_ids, batch.sample_prompt_ids, strict=True)], dtype=torch.bool)
-    return trained & same_prompt
-
-
-def with_old_logprobs(
-    policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig, *, current: torch.Tensor | None = None
-) -> tuple[RolloutBatch, torch.Tensor]:
+def with_old_logprobs(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig, *, current: torch.Tensor | None = None) -> tuple[RolloutBatch, torch.Tensor]:
     """pi_old on the prompt each rollout was sampled with (``old_logprob_context=sampling``,
     the paper) or on the plain prompt, before any update; pi_ref on the plain prompt when
     the KL term is on.
 
     Args:
-        current: Shape: ``[N]``, bool (:func:`old_from_current_rows`): rows left out of this
-            forward; they become ``old_from_current`` (NaN placeholders in ``old_logprobs`` and
-            in the entropy until :func:`with_current_entropy`). None: every row is scored.
+        current: Shape: ``[N]``, bool (:func:`nemo_guide.on_policy.old_from_current_rows`): rows
+            left out of this forward, flagged ``old_from_current`` (NaN in ``old_logprobs`` and in
+            the entropy until :func:`nemo_guide.on_policy.with_current_entropy`). None: all scored.
 
     Returns:
         ``(batch with old_logprobs (and ref_logprobs), entropy [N, L] of pi_old)``.
@@ -383,51 +352,6 @@ def update(
         metrics = policy.train_step(batch.select(mini), loss_fn, micro_batch_size=micro_batch_size, with_entropy=with_entropy)
         metrics.pop(TRAIN_ENTROPY, None)
         out.append(metrics)
-    return out
-
-
-def mini_batches(n: int, *, epochs: int, mini_batch_size: int | None, seed: int) -> Iterator[torch.Tensor]:
-    """The rows of each optimizer step of :func:`update`: per epoch a seeded shuffle of
-    ``range(n)`` cut into ``mini_batch_size`` rows (None: all). Each Shape: ``[<= mini_batch_size]``."""
-    size = mini_batch_size or n
-    shuffle = torch.Generator().manual_seed(seed)
-    for _ in range(epochs if n else 0):
-        order = torch.randperm(n, generator=shuffle)
-        for start in range(0, n, size):
-            yield order[start : start + size]
-
-
-def update_on_policy(policy: Policy, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, seed: int) -> tuple[list[dict[str, float]], torch.Tensor]:
-    """Step 10 when the update is on-policy: :func:`update` with one epoch of one mini-batch
-    (the same shuffle), scored with the entropy, which is pi_old's: the weights are still pi_old's.
-
-    Returns:
-        ``(metrics of the one optimizer step (none for an empty batch), entropy [n, L] in
-        batch's row order)``; NaN rows where the policy reported none.
-    """
-    entropy = torch.full(batch.loss_mask.shape, float("nan"))  # [n, L]
-    out = []
-    for mini in mini_batches(len(batch), epochs=1, mini_batch_size=None, seed=seed):
-        metrics = policy.train_step(batch.select(mini), loss_fn, micro_batch_size=micro_batch_size, with_entropy=True)
-        if TRAIN_ENTROPY in metrics:
-            entropy[mini] = metrics.pop(TRAIN_ENTROPY)
-        out.append(metrics)
-    return out, entropy
-
-
-def with_current_entropy(entropy: torch.Tensor, batch: RolloutBatch, trained_entropy: torch.Tensor) -> torch.Tensor:
-    """Step 9's pi_old entropy completed on the rows of ``batch.old_from_current`` by the
-    training forward's (:func:`update_on_policy` on :func:`trained_rows`).
-
-    Args:
-        entropy: Shape: ``[N, L]``, NaN on ``old_from_current`` rows.
-        trained_entropy: Shape: ``[n, L]``, the trained rows of ``batch`` in order.
-    """
-    if batch.old_from_current is None:
-        return entropy
-    rows = trained_index(batch)  # [n]
-    out = entropy.clone()
-    out[rows] = torch.where(batch.old_from_current[rows].unsqueeze(-1), trained_entropy, entropy[rows])
     return out
 
 

@@ -15,20 +15,18 @@ from nemo_guide.backends.base import TRAIN_ENTROPY
 from nemo_guide.cli import make_backend
 from nemo_guide.config import AlgorithmConfig
 from nemo_guide.loop import load_prompts, reward_name, train
+from nemo_guide.on_policy import old_from_current_rows, update_on_policy, with_current_entropy
 from nemo_guide.rewards import make_reward
 from nemo_guide.steps import (
     build_batch,
     choose_guidance,
     dual_context_batch,
     groups_and_advantages,
-    old_from_current_rows,
     policy_loss_fn,
     sample_and_score,
     step_seed,
     trained_rows,
     update,
-    update_on_policy,
-    with_current_entropy,
     with_old_logprobs,
 )
 from nemo_guide.tracking import read_metrics
