@@ -50,6 +50,7 @@ RESUMABLE_FIELDS = {
     "run.keep_checkpoints",
     "run.log_every",
     "backend.device",
+    "algorithm.old_logprobs",  # where pi_old comes from, not what it is
 }
 
 

@@ -15,7 +15,9 @@ that every host calls (the NeMo-Aligner trainer calls the same ones):
 8. Filter-GRPO only: drop groups whose rewards are all equal;
 9. old log-probs log pi_old(o_t | sampling prompt) (the hinted prompt for guided rollouts),
    once, before any update (and, with ``algorithm.rollout_correction=tis``, truncated
-   importance weights against the sampler's own log-probs);
+   importance weights against the sampler's own log-probs); when the update is on-policy
+   (one epoch of one mini-batch), rollouts whose sampling prompt is the plain one take
+   them from step 10's forward instead, detached (``algorithm.old_logprobs=reuse``);
 10. ``mu`` epochs of updates with :func:`guide_policy_loss`, new log-probs on the plain
     prompt, so guided rollouts are trained as if sampled without the hint;
 11. log, evaluate, checkpoint (:func:`train`).
@@ -46,6 +48,7 @@ from nemo_guide.config import Config
 from nemo_guide.data.sources import default_reward, load_split, resolve_eval
 from nemo_guide.errors import RunError
 from nemo_guide.evaluation import heldout_pass1
+from nemo_guide.on_policy import old_from_current_rows, update_on_policy, with_current_entropy
 from nemo_guide.prompts import PromptSampler, PromptSet, PromptSettings, encode_prompts, require_usable
 from nemo_guide.rewards import RewardFn, make_reward
 from nemo_guide.rundir import Interrupted, interrupts_as_errors, plan_run, run_directory
@@ -98,17 +101,24 @@ def algorithm_step(cfg: Config, backend: PolicyBackend, reward_fn: RewardFn, los
     # 7-8. Groups S(q) and their advantages; Filter-GRPO drops groups without signal.
     groups = groups_and_advantages(plain.rewards, guided.rewards, guide, algo)
     batch = dual_context_batch(plain, guided, groups)
-    # 9. Old log-probs behind the prompt each rollout was sampled with, before any update.
+    # 9. Old log-probs behind the prompt each rollout was sampled with, before any update
+    #    (on-policy, rows sampled behind the plain prompt take them from step 10's forward).
     with timer("logprobs"):
-        batch, entropy = with_old_logprobs(backend, batch, algo)
+        current = old_from_current_rows(batch, algo, cfg.optim.mini_batch_size)  # [N]
+        batch, entropy = with_old_logprobs(backend, batch, algo, current=current)
         batch, correction = with_rollout_correction(backend, batch, algo)
     # 10. mu epochs of updates scored on the plain prompt (SFT: on the reference solutions).
     with timer("update"):
         trained = sft_batch(backend, [prompts.plain[i] for i in idx], [r.solution for r in records]) if algo.mode == "sft" else trained_rows(batch)
-        updates = update(
-            backend, trained, loss_fn, epochs=algo.ppo_epochs, mini_batch_size=cfg.optim.mini_batch_size,
-            micro_batch_size=cfg.optim.micro_batch_size, with_entropy=algo.entropy_coef > 0, seed=step_seed(seed, step, 2),
-        )
+        micro, shuffle = cfg.optim.micro_batch_size, step_seed(seed, step, 2)
+        if batch.old_from_current is not None:  # on-policy: one update, whose forward also gives pi_old's entropy
+            updates, trained_entropy = update_on_policy(backend, trained, loss_fn, micro_batch_size=micro, seed=shuffle)
+            entropy = with_current_entropy(entropy, batch, trained_entropy)
+        else:
+            updates = update(
+                backend, trained, loss_fn, epochs=algo.ppo_epochs, mini_batch_size=cfg.optim.mini_batch_size,
+                micro_batch_size=micro, with_entropy=algo.entropy_coef > 0, seed=shuffle,
+            )
     return {**step_metrics(plain, guided, guide, groups, entropy, len(trained), updates, timer), **correction}
 
 

@@ -14,6 +14,9 @@ data, so a host decides only where things run:
 :func:`update`              step 10: ``mu`` epochs of mini-batch updates
 :func:`step_metrics`        step 11: the logged metrics of one step
 ==========================  ======================================================
+
+An on-policy update takes pi_old of rows sampled behind the plain prompt from its own forward
+instead of step 9's (``algorithm.old_logprobs=reuse``): :mod:`nemo_guide.on_policy`.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from nemo_guide.backends.base import Generator, LogprobGenerator, LossFn, Policy, PromptTokenizer, RolloutBatch, Totals
+from nemo_guide.backends.base import TRAIN_ENTROPY, Generator, LogprobGenerator, LossFn, Policy, PromptTokenizer, RolloutBatch, Totals
 from nemo_guide.config import AlgorithmConfig, GenerationConfig
 from nemo_guide.core.advantages import equal_reward_groups, group_advantages
 from nemo_guide.core.guidance import assemble_groups, select_for_guidance
 from nemo_guide.core.loss import guide_policy_loss
 from nemo_guide.core.mismatch import RolloutCorrection, truncated_importance_weights
+from nemo_guide.on_policy import mini_batches, trained_index
 from nemo_guide.prompts import Prompt
 from nemo_guide.rewards import CORRECT_ABOVE, RewardFn
 from nemo_guide.tracking import reduce_metrics
@@ -226,23 +230,36 @@ def sft_batch(tokenizer: PromptTokenizer, prompts: Sequence[Prompt], solutions: 
 
 def trained_rows(batch: RolloutBatch) -> RolloutBatch:
     """The rollouts with at least one token in the loss."""
-    return batch.select(torch.nonzero(batch.loss_mask.any(-1)).squeeze(-1))
+    return batch.select(trained_index(batch))
 
 
 # -- step 9 ------------------------------------------------------------------------------
 
 
-def with_old_logprobs(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig) -> tuple[RolloutBatch, torch.Tensor]:
+def with_old_logprobs(policy: Policy, batch: RolloutBatch, algo: AlgorithmConfig, *, current: torch.Tensor | None = None) -> tuple[RolloutBatch, torch.Tensor]:
     """pi_old on the prompt each rollout was sampled with (``old_logprob_context=sampling``,
     the paper) or on the plain prompt, before any update; pi_ref on the plain prompt when
     the KL term is on.
+
+    Args:
+        current: Shape: ``[N]``, bool (:func:`nemo_guide.on_policy.old_from_current_rows`): rows
+            left out of this forward, flagged ``old_from_current`` (NaN in ``old_logprobs`` and in
+            the entropy until :func:`nemo_guide.on_policy.with_current_entropy`). None: all scored.
 
     Returns:
         ``(batch with old_logprobs (and ref_logprobs), entropy [N, L] of pi_old)``.
     """
     context = "sample" if algo.old_logprob_context == "sampling" else "plain"
-    old, entropy = policy.logprobs(batch, context, with_entropy=True)
-    batch = batch.with_(old_logprobs=old)
+    if current is None or not bool(current.any()):
+        old, entropy = policy.logprobs(batch, context, with_entropy=True)
+        batch = batch.with_(old_logprobs=old)
+    else:
+        old = torch.full(batch.loss_mask.shape, float("nan"))  # [N, L]
+        entropy = torch.full(batch.loss_mask.shape, float("nan"))
+        scored = torch.nonzero(~current).squeeze(-1)
+        if len(scored):
+            old[scored], entropy[scored] = policy.logprobs(batch.select(scored), context, with_entropy=True)
+        batch = batch.with_(old_logprobs=old, old_from_current=current.clone())
     if algo.kl_coef > 0:
         batch = batch.with_(ref_logprobs=policy.logprobs(batch, "plain", reference=True)[0])
     return batch, entropy
@@ -285,7 +302,7 @@ def policy_loss_fn(algo: AlgorithmConfig, num_prompts: int) -> LossFn:
     def loss_fn(micro: RolloutBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None, totals: Totals):
         loss, metrics = guide_policy_loss(
             logprobs,
-            micro.old_logprobs,
+            micro.old_logprobs,  # pi_theta's own, detached, on old_from_current rows (Policy.train_step)
             micro.advantages,
             micro.loss_mask,
             micro.guided,
@@ -301,7 +318,7 @@ def policy_loss_fn(algo: AlgorithmConfig, num_prompts: int) -> LossFn:
             ref_logprobs=micro.ref_logprobs,
             kl_coef=algo.kl_coef,
             kl_estimator=algo.kl_estimator,
-            entropy=entropy,
+            entropy=entropy if algo.entropy_coef != 0 else None,  # scored for pi_old's entropy only: not a loss term
             entropy_coef=algo.entropy_coef,
             is_weights=micro.is_weights,
         )
@@ -330,16 +347,11 @@ def update(
 ) -> list[dict[str, float]]:
     """``epochs`` passes over ``batch`` in shuffled mini-batches (None: the whole batch), one
     optimizer step each; returns each step's metrics (empty for an empty batch)."""
-    if not len(batch):
-        return []
-    size = mini_batch_size or len(batch)
-    shuffle = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(epochs):
-        order = torch.randperm(len(batch), generator=shuffle)
-        for start in range(0, len(batch), size):
-            mini = batch.select(order[start : start + size])
-            out.append(policy.train_step(mini, loss_fn, micro_batch_size=micro_batch_size, with_entropy=with_entropy))
+    for mini in mini_batches(len(batch), epochs=epochs, mini_batch_size=mini_batch_size, seed=seed):
+        metrics = policy.train_step(batch.select(mini), loss_fn, micro_batch_size=micro_batch_size, with_entropy=with_entropy)
+        metrics.pop(TRAIN_ENTROPY, None)
+        out.append(metrics)
     return out
 
 

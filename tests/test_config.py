@@ -103,7 +103,7 @@ def test_choice_fields_are_literals_equal_to_the_registries():
     declared = {f"{name}.{field}" for name, cls in SECTIONS.items() for field in choice_fields(cls)}
     assert declared == {
         "algorithm.mode", "algorithm.guidance_threshold", "algorithm.guided_group", "algorithm.old_logprob_context",
-        "algorithm.shaping", "algorithm.shaping_scope", "algorithm.aggregation", "algorithm.kl_estimator",
+        "algorithm.old_logprobs", "algorithm.shaping", "algorithm.shaping_scope", "algorithm.aggregation", "algorithm.kl_estimator",
         "algorithm.rollout_correction", "data.prompt_style", "data.reward", "backend.name", "backend.dtype",
     }
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_worker
 
 COMPARED = ("train/reward", "train/reward_guided", "train/guided_frac", "train/rollouts", "train/trained_rollouts", "train/response_length",
-            "optim/grad_norm", "eval/pass1")
+            "train/entropy", "optim/grad_norm", "eval/pass1")
 """Global quantities; the ``plain/*`` and ``guided/*`` statistics are means over micro-batches,
 whose partition depends on the layout."""
 
@@ -43,6 +43,7 @@ def test_steps_guide_and_checkpoint(single):
     assert any(r["train/guided_frac"] > 0 for r in trained)
     assert all(r["train/rollouts"] == 16 + 4 * 4 * r["train/guided_frac"] for r in trained)  # B*k plain + k per guided prompt
     assert all(r["optim/updates"] == 1 and r["optim/skipped"] == 0 and r["optim/grad_norm"] > 0 for r in trained)
+    assert all(r["train/entropy"] > 0 for r in trained)  # pi_old's, from the on-policy update's forward (gathered)
     for key in ("plain/clip_frac", "guided/frac_ratio_below_1e-3", "time/generation", "time/update", "perf/tokens_per_s"):
         assert key in trained[0]
     assert {f"guide_state-step={s}.json" for s in (1, 2, 3)} <= set(single["checkpoints"])

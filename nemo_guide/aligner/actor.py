@@ -42,7 +42,7 @@ from nemo_aligner.utils.distributed import broadcast_2d_tensor_within_pp
 from nemo_aligner.utils.train_utils import set_sync_funcs
 from nemo_aligner.utils.utils import configure_batch_sizes
 
-from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
+from nemo_guide.backends.base import TRAIN_ENTROPY, Context, LossFn, RolloutBatch, Totals
 from nemo_guide.backends.megatron.last_stage import response_logprobs
 from nemo_guide.backends.megatron.layout import lay_out
 from nemo_guide.tracking import reduce_metrics
@@ -141,10 +141,13 @@ class MegatronGPTGuideActorModel(MegatronGPTActorModel):
                 n = len(item["micro"])
                 if loss_fn is None:
                     return logprobs[:n], (entropy[:n] if entropy is not None else None)
-                micro = item["micro"].to_device(logprobs.device)
+                micro = item["micro"].to_device(logprobs.device).with_current_as_old(logprobs[:n])
                 loss, metrics = loss_fn(micro, logprobs[:n], entropy[:n] if entropy is not None else None, totals)
                 scale = get_num_microbatches() * parallel_state.get_data_parallel_world_size()
-                return loss * scale, {k: v.detach().float() for k, v in metrics.items()}
+                metrics = {k: v.detach().float() for k, v in metrics.items()}
+                if entropy is not None:  # per token, for pi_old's entropy of an on-policy update
+                    metrics[TRAIN_ENTROPY] = entropy[:n].detach().float()
+                return loss * scale, metrics
 
             return output, loss_func
 
@@ -212,6 +215,8 @@ class MegatronGPTGuideActorModel(MegatronGPTActorModel):
 
         The loss is the whole mini-batch's (every rank's share summed), as the embedded backend
         reports it; metrics are means over micro-batches (``*_min``/``*_max`` reduce by min/max).
+        With ``batch.with_entropy`` the metrics also hold this share's per-token entropy under
+        :data:`~nemo_guide.backends.base.TRAIN_ENTROPY` (``[n, L]`` on the CPU, every pipeline stage).
         """
         rollouts = batch.rollouts
         mbs = batch.micro_batch_size
@@ -229,8 +234,14 @@ class MegatronGPTGuideActorModel(MegatronGPTActorModel):
             seq_length=seq_len,
             micro_batch_size=mbs,
         )
-        reporting = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        return _reduce_over_ranks(parts if reporting else [])
+        last = parallel_state.is_pipeline_last_stage()
+        entropies = [p.pop(TRAIN_ENTROPY) for p in parts if TRAIN_ENTROPY in p] if last else []
+        reporting = last and parallel_state.get_tensor_model_parallel_rank() == 0
+        loss, metrics = _reduce_over_ranks(parts if reporting else [])
+        if batch.with_entropy:
+            entropy = torch.cat(entropies).to(torch.cuda.current_device()) if last else None
+            metrics[TRAIN_ENTROPY] = broadcast_2d_tensor_within_pp(entropy, dtype=torch.float32).cpu()
+        return loss, metrics
 
 
 def _reduce_over_ranks(parts: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:

@@ -40,7 +40,7 @@ from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_
 from nemo_guide.aligner.actor import GuideTrainBatch, MegatronGPTGuideActorModel
 from nemo_guide.aligner.engine_batch import EngineChunk, engine_chunks, real_outputs
 from nemo_guide.aligner.parallel import gather_in_order, share_of
-from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
+from nemo_guide.backends.base import TRAIN_ENTROPY, Context, LossFn, RolloutBatch, Totals
 
 
 class AlignerHost:
@@ -219,7 +219,8 @@ class AlignerHost:
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, with_entropy: bool = False) -> dict[str, float]:
         """One optimizer step on the global mini-batch ``batch``: this replica trains its share,
-        normalised by the whole mini-batch's totals."""
+        normalised by the whole mini-batch's totals; with ``with_entropy`` the replicas' per-token
+        entropies are gathered into the global one."""
         self._training()
         totals = Totals.of(batch)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -230,6 +231,9 @@ class AlignerHost:
         self.optimizer.zero_grad()
         self.actor.prepare_for_training_step()
         _, metrics = self.actor.get_loss_and_metrics(GuideTrainBatch(own, loss_fn, totals, micro_batch_size, with_entropy), forward_only=False)
+        entropy = metrics.pop(TRAIN_ENTROPY, None)
+        if entropy is not None:  # [own, L] (one padding row for an empty share) -> [len(batch), L]
+            entropy = torch.stack(gather_in_order(list(entropy[: len(index)]))) if len(batch) else torch.zeros(0, batch.response_length)
         self.actor.finish_training_step()
         grad_norm = clip_gradients(self.actor, self.grad_clip if self.grad_clip > 0 else None)
         grad_norm = float(grad_norm) if grad_norm is not None else _grad_norm(self.actor)
@@ -239,7 +243,8 @@ class AlignerHost:
         else:
             self.optimizer.step()
             self.scheduler.step()
-        return {**metrics, "optim/grad_norm": grad_norm, "optim/lr": float(self.optimizer.param_groups[0]["lr"]), "optim/skipped": float(skipped)}
+        out = {**metrics, "optim/grad_norm": grad_norm, "optim/lr": float(self.optimizer.param_groups[0]["lr"]), "optim/skipped": float(skipped)}
+        return out if entropy is None else {**out, TRAIN_ENTROPY: entropy}
 
 
 def _grad_norm(actor) -> float:

@@ -56,7 +56,13 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
     """Shape: ``[N]``."""
     old_logprobs: torch.Tensor | None = None
-    """log pi_old(response | context per ``algorithm.old_logprob_context``). Shape: ``[N, L]``."""
+    """log pi_old(response | context per ``algorithm.old_logprob_context``). Shape: ``[N, L]``;
+    a placeholder (NaN) on the rows of ``old_from_current``."""
+    old_from_current: torch.Tensor | None = None
+    """Shape: ``[N]``, bool: rows whose pi_old is the training forward's own log-probs, detached
+    (the update is on-policy and the row's pi_old context is its plain prompt:
+    ``algorithm.old_logprobs=reuse``). The policy puts them into ``old_logprobs``
+    (:meth:`with_current_as_old`) right before it calls the loss. None: no such row."""
     ref_logprobs: torch.Tensor | None = None
     """log pi_ref(response | plain prompt), for the KL term. Shape: ``[N, L]``."""
     sample_logprobs: torch.Tensor | None = None
@@ -99,6 +105,20 @@ class RolloutBatch:
     def with_(self, **changes) -> "RolloutBatch":
         return replace(self, **changes)
 
+    def with_current_as_old(self, logprobs: torch.Tensor) -> "RolloutBatch":
+        """This (micro-)batch with ``old_logprobs`` taken from ``logprobs`` on the rows of
+        ``old_from_current``: what a policy's training step does before it calls the loss, so
+        the loss sees pi_old = pi_theta there, bit for bit, with no gradient through it.
+
+        Args:
+            logprobs: the training forward's log pi_theta(response | plain prompt), on the
+                device of this batch's tensors. Shape: ``[n, L]``.
+        """
+        if self.old_from_current is None or self.old_logprobs is None:
+            return self
+        current = self.old_from_current.to(logprobs.device).unsqueeze(-1)  # [n, 1]
+        return replace(self, old_logprobs=torch.where(current, logprobs.detach(), self.old_logprobs.to(logprobs.device)))
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -115,6 +135,13 @@ class Totals:
     def of(cls, batch: RolloutBatch) -> "Totals":
         """The totals of one process's ``batch``."""
         return cls(float(batch.loss_mask.sum()), float(batch.loss_mask.any(-1).sum()))
+
+
+TRAIN_ENTROPY = "train_step/entropy"
+"""Key of :meth:`Policy.train_step`'s result, called ``with_entropy``: the training forward's
+per-token entropy of the mini-batch, Shape ``[n, L]`` float32 on the CPU in the mini-batch's row
+order, zero on padding, NaN on rows it did not score (an update stopped by a non-finite loss).
+The one value of that result that is a tensor; :func:`nemo_guide.steps.update` takes it out."""
 
 
 LossFn = Callable[["RolloutBatch", torch.Tensor, "torch.Tensor | None", Totals], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -209,11 +236,13 @@ class Policy(Protocol):
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, *, micro_batch_size: int, with_entropy: bool = False) -> dict[str, float]:
         """One optimizer step on ``batch`` (a mini-batch), scored behind the plain prompt.
 
-        Micro-batches of ``micro_batch_size`` rollouts accumulate gradients (``loss_fn`` gets
-        the per-token entropy too when ``with_entropy``); then the gradient norm is clipped
-        and the optimizer steps. A non-finite loss or gradient skips the step
+        Micro-batches of ``micro_batch_size`` rollouts accumulate gradients; each micro-batch
+        goes to ``loss_fn`` after :meth:`RolloutBatch.with_current_as_old` with its log-probs
+        (``loss_fn`` gets the per-token entropy too when ``with_entropy``); then the gradient
+        norm is clipped and the optimizer steps. A non-finite loss or gradient skips the step
         (``optim/skipped = 1``) instead of corrupting the weights. Returns the reduced loss
-        metrics plus ``optim/grad_norm``, ``optim/lr`` and ``optim/skipped``.
+        metrics plus ``optim/grad_norm``, ``optim/lr`` and ``optim/skipped``, and with
+        ``with_entropy`` the per-token entropy under :data:`TRAIN_ENTROPY`.
         """
 
     def snapshot_reference(self) -> None:

@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 Mode = Literal["grpo", "filter_grpo", "guide_grpo", "sft"]
 OldLogprobContext = Literal["sampling", "plain"]
+OldLogprobsName = Literal["reuse", "recompute"]
 GuidanceThresholdName = Literal["all_incorrect", "mostly_incorrect", "always", "never"]
 """The values of :class:`nemo_guide.core.guidance.GuidanceThreshold` (its registry's keys)."""
 GuidedGroupName = Literal["union", "replace"]
@@ -93,8 +94,7 @@ class AlgorithmConfig(_Section):
     SECTION = "algorithm"
 
     mode: Mode = "guide_grpo"
-    """``grpo``; ``filter_grpo`` (drop groups whose rewards are all equal, DAPO-style);
-    ``guide_grpo`` (Algorithm 1); ``sft`` (the paper's baseline on reference solutions)."""
+    """``grpo``; ``filter_grpo`` (drop groups whose rewards are all equal, DAPO-style); ``guide_grpo`` (Algorithm 1); ``sft`` (the paper's baseline on reference solutions)."""
     group_size: int = 8
     """k: rollouts per prompt, and guided rollouts per guided prompt."""
     guidance_threshold: GuidanceThresholdName = "all_incorrect"
@@ -103,9 +103,10 @@ class AlgorithmConfig(_Section):
     """``union``: guided rollouts join the failed plain ones in one group (paper Eq. 6).
     ``replace``: they replace the failed group (the authors' guide_rl code)."""
     old_logprob_context: OldLogprobContext = "sampling"
-    """Denominator of a guided token's ratio: ``sampling`` = pi_old on the hinted prompt
-    (paper Eq. 6); ``plain`` = pi_old on the plain prompt (Appendix D's unstable variant,
-    which learns where the hint supplies steps the plain policy gives ~0 probability)."""
+    """Denominator of a guided token's ratio: ``sampling`` = pi_old on the hinted prompt (paper Eq. 6); ``plain`` = pi_old on the
+    plain prompt (Appendix D's unstable variant, which learns where the hint supplies steps the plain policy gives ~0 probability)."""
+    old_logprobs: OldLogprobsName = "reuse"
+    """``reuse``: an on-policy update (``ppo_epochs = 1``, one mini-batch) takes pi_old (and its entropy) of the trained rollouts whose pi_old context is the plain prompt from its own forward, detached (nemo_guide/on_policy.py); ``recompute``: a forward of their own before the update for every rollout (as off-policy updates and ``rollout_correction=tis`` on the sampling prompt always do)."""
     clip_low: float = 0.2
     """PPO clip: ratios below 1 - clip_low are clipped (plain tokens)."""
     clip_high: float = 0.2
@@ -117,11 +118,10 @@ class AlgorithmConfig(_Section):
     shaping_gamma: float = 0.9
     """percentile: the quantile of guided ratios used as gamma; constant: gamma itself."""
     shaping_scope: ShapingScopeName = "rollout"
-    """percentile: where the quantile is taken. ``rollout``: one per guided rollout, over its
-    counted tokens (paper Appendix E; also what the authors' runs did in effect: guide_rl takes
-    one quantile per micro-batch and its scripts train with micro-batch size 1). ``batch``: one
-    over all guided tokens of a micro-batch (``optim.micro_batch_size`` rollouts), a variant the
-    authors never ran (their loss cannot take a micro-batch > 1 with its per-rollout guided mask)."""
+    """percentile: where the quantile is taken. ``rollout``: one per guided rollout, over its counted tokens (paper Appendix E; also
+    what the authors' runs did in effect: guide_rl takes one quantile per micro-batch and its scripts train with micro-batch size 1).
+    ``batch``: one over all guided tokens of a micro-batch (``optim.micro_batch_size`` rollouts), a variant the authors never ran
+    (their loss cannot take a micro-batch > 1 with its per-rollout guided mask)."""
     aggregation: AggregationName = "token-mean"
     """Loss reduction: token-mean | seq-mean-token-mean | seq-mean-token-sum | paper (Eq. 6)."""
     normalize_std: bool = True

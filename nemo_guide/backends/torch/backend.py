@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from nemo_guide.backends.base import Context, LossFn, RolloutBatch, Totals
+from nemo_guide.backends.base import TRAIN_ENTROPY, Context, LossFn, RolloutBatch, Totals
 from nemo_guide.backends.torch.models import load_adapter
 from nemo_guide.backends.torch.sampling import generate, left_pad, right_pad
 from nemo_guide.checkpoint import corrupt, load_torch_file
@@ -169,10 +169,13 @@ class TorchBackend:
         parts: list[dict[str, torch.Tensor]] = []
         totals = Totals.of(batch)
         finite = True
+        token_entropy = torch.full(batch.loss_mask.shape, float("nan"))  # [n, L]: rows not scored stay NaN
         for start in range(0, len(batch), micro_batch_size):
             micro = batch.select(range(start, min(len(batch), start + micro_batch_size)))
             logprobs, entropy = self._score(self.model, micro, "plain", with_entropy)
-            loss, metrics = loss_fn(micro.to_device(self.device), logprobs, entropy, totals)
+            if entropy is not None:
+                token_entropy[start : start + len(micro)] = entropy.detach().cpu()
+            loss, metrics = loss_fn(micro.to_device(self.device).with_current_as_old(logprobs), logprobs, entropy, totals)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -191,6 +194,8 @@ class TorchBackend:
         out["optim/grad_norm"] = float(grad_norm)
         out["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         out["optim/skipped"] = float(skipped)
+        if with_entropy:
+            out[TRAIN_ENTROPY] = token_entropy
         return out
 
     def snapshot_reference(self) -> None:
