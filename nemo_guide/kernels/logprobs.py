@@ -2,9 +2,28 @@
 
 ``fused_logprobs(hidden, weight, targets)`` returns ``log softmax(hidden @ W.T)[t, targets[t]]``
 (and optionally the entropy of each row's distribution) in float32. Tokens are processed
-in chunks of ``chunk_size``; backward recomputes each chunk's logits, so at most
-``[chunk_size, V_local]`` logits exist at any time, forward or backward. With a
-``tp_group`` the vocabulary is sharded as in Megatron's column-parallel output layer:
+in chunks of ``chunk_size`` rows, at most ``[chunk_size, V_local]`` logits at a time. By
+default (``chunk_size=None``) the chunk is chosen from a memory budget
+(:func:`chunk_for_budget`, 512 MiB unless ``memory_budget`` says otherwise) and the tokens
+are split into equal chunks; an integer ``chunk_size`` is used as given.
+
+Kept or recomputed: when the tokens fit in one chunk and a gradient is wanted, the forward
+keeps that chunk's logits and the backward turns them into the gradient in place: three
+``T x V x H`` products in all (forward logits, hidden and weight gradients), like
+megatron-core's ``vocab_parallel_cross_entropy``, which keeps its softmax. With several
+chunks the forward keeps nothing and the backward recomputes each chunk's logits (a fourth
+product) so that no more than one chunk is held, forward or backward. ``recompute=True``
+forces the second way for one chunk too; both give the same values and gradients bit for
+bit (the backward does the same arithmetic on the same logits).
+
+Per-chunk elementwise work runs over blocks of a few rows (:func:`row_blocks`, about
+``BLOCK_BYTES`` each): the forward's shifted/exponentiated logits live in one block-sized
+scratch, so the chunk's logits are never overwritten before the backward needs them, and
+the backward's entropy term needs one block, not a second chunk. A row's sum is the same
+whichever block holds it (a test checks this against whole-chunk sums), so the blocks
+change no result.
+
+With a ``tp_group`` the vocabulary is sharded as in Megatron's column-parallel output layer:
 rank ``r`` holds rows ``r*V_local .. (r+1)*V_local - 1`` of the output weight; each rank
 reduces its shard to per-token statistics (max, sum-exp, target logit, and the entropy
 sum), and three all-reduces over ``[T]`` vectors (four with entropy) combine them, so
@@ -15,9 +34,10 @@ Layout (STYLE 4): pure per-shard steps below, one ``autograd.Function`` that doe
 collectives over an explicit process group. The per-shard steps have two implementations
 with one interface (``shard_stats``, ``grad_logits``): pure torch here (the default on
 every device), fused Triton kernels in ``logprobs_triton`` (opt-in: ``impl="triton"`` or
-``NEMO_GUIDE_LOGPROBS_IMPL=triton``). ``impl="auto"`` stays on torch until
-``benchmarks/logprobs.py`` on a GPU shows the Triton kernels faster; they have been
-checked for correctness (in Triton's interpreter on CPU) but never timed.
+``NEMO_GUIDE_LOGPROBS_IMPL=triton``; they never build logits in the forward, so there is
+nothing to keep, and their backward always recomputes logit tiles). ``impl="auto"`` stays on
+torch until ``benchmarks/logprobs.py`` on a GPU shows the Triton kernels faster; they have
+been checked for correctness (in Triton's interpreter on CPU) but never timed.
 
 Host syncs: the forward and backward issue none on their own. Checking that every target
 id lies in ``[0, V)`` needs one (a reduction read back to the host), so it runs only with
@@ -27,10 +47,77 @@ read metadata only and always run.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+"""Bytes of chunk-sized buffers ``chunk_size=None`` allows (see :func:`chunk_for_budget`)."""
+BLOCK_BYTES = 2 * 2**20
+"""About this many bytes per row block of elementwise work (see :func:`block_rows`)."""
+
+# -- chunk and block sizes (pure) ----------------------------------------------------------
+
+
+def block_rows(vocab_shard: int, itemsize: int) -> int:
+    """Rows per block of elementwise work: ``BLOCK_BYTES`` of ``[rows, V_local]``, at least 2."""
+    return max(2, BLOCK_BYTES // max(1, vocab_shard * itemsize))
+
+
+def row_blocks(rows: int, block: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` pairs covering ``range(rows)`` in blocks of ``block`` rows.
+
+    A one-row remainder joins the block before it, so a chunk of several rows is never
+    reduced one row at a time: torch sums a single row with a two-pass split over threads,
+    which rounds differently from the row-parallel sum of a multi-row tensor.
+    """
+    if block < 2:
+        raise ValueError(f"block = {block}: must be >= 2 rows")
+    edges = [*range(0, rows, block), rows]
+    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+        del edges[-2]
+    return list(zip(edges[:-1], edges[1:], strict=True)) if rows else []
+
+
+def chunk_for_budget(vocab_shard: int, dtype: torch.dtype, budget: int) -> int:
+    """The largest chunk (tokens) whose buffers fit in ``budget`` bytes.
+
+    One chunk holds ``C`` rows of logits ``[C, V_local]`` in ``dtype`` (the compute dtype:
+    float32, or float64 for float64 inputs), which the backward turns into the gradient in
+    place, plus at most two row blocks of scratch, each ``min(C, B + 1)`` rows
+    (``B = block_rows(V_local, itemsize)``, one more for a merged remainder). With
+    ``R = floor(budget / (V_local * itemsize))`` rows in the budget that is
+    ``C = max(R - 2 * (B + 1), floor(R / 3), 1)``: the first term when the chunk is longer
+    than a block, the second when it is not. A budget below one row and its scratch is
+    exceeded (``C = 1``), not refused. Not counted: the weight-sized buffers (the weight
+    gradient, float32 copies of a 16-bit weight) and ``[T, H]``/``[T]`` ones, which do not
+    depend on the chunk.
+
+    Example: ``V_local = 151936``, float32 (607,744 bytes a row), 512 MiB: ``R = 883``;
+    2 MiB blocks are ``B = 3`` rows, so ``C = 883 - 8 = 875``.
+    """
+    if vocab_shard < 1 or budget < 1:
+        raise ValueError(f"chunk_for_budget(vocab_shard={vocab_shard}, budget={budget}): both must be >= 1")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = budget // (vocab_shard * itemsize)
+    return max(1, rows - 2 * (block_rows(vocab_shard, itemsize) + 1), rows // 3)
+
+
+def chunk_rows(tokens: int, chunk_size: int | None, vocab_shard: int, dtype: torch.dtype, budget: int) -> int:
+    """Rows per chunk: ``chunk_size`` as given, or (None) ``T`` split into the fewest equal
+    chunks of at most :func:`chunk_for_budget` rows (at least 1)."""
+    if chunk_size is not None:
+        return chunk_size
+    most = chunk_for_budget(vocab_shard, dtype, budget)
+    return max(1, math.ceil(tokens / math.ceil(tokens / most))) if tokens else most
+
+
+def chunk_bounds(tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk of ``chunk`` rows; the last may be shorter."""
+    return [(i, min(i + chunk, tokens)) for i in range(0, tokens, chunk)]
+
 
 # -- pure per-shard steps ----------------------------------------------------------------
 
@@ -61,25 +148,32 @@ def shard_target_logit(logits: torch.Tensor, targets: torch.Tensor, vocab_start:
     return torch.where(in_shard, picked, torch.zeros_like(picked)), in_shard
 
 
-def shard_stats_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, with_entropy: bool):
-    """This shard's softmax statistics of each row; overwrites ``logits``.
+def shard_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, with_entropy: bool):
+    """This shard's softmax statistics of each row; ``logits`` are left as they are.
 
     With ``m = max_j z_j`` over the shard: ``s = sum_j e^(z_j - m)``,
     ``a = sum_j e^(z_j - m) (z_j - m)`` (only ``with_entropy``) and the target logit
     (0 when the target is in another shard). Shape: ``[C, V_local] -> four [C]`` (``a`` None).
+    ``z - m`` and its exponential go through one :func:`row_blocks`-sized scratch.
     """
     target_logit, _ = shard_target_logit(logits, targets, vocab_start)
     m = logits.max(-1).values
-    shifted = logits.sub_(m.unsqueeze(-1))  # in place: z - m
-    a = shifted.exp().mul_(shifted).sum(-1) if with_entropy else None
-    s = shifted.exp_().sum(-1)
+    s = torch.empty_like(m)
+    a = torch.empty_like(m) if with_entropy else None
+    blocks = row_blocks(logits.shape[0], block_rows(logits.shape[1], logits.element_size()))
+    scratch = logits.new_empty(max((hi - lo for lo, hi in blocks), default=0), logits.shape[1])
+    for lo, hi in blocks:
+        shifted = torch.sub(logits[lo:hi], m[lo:hi].unsqueeze(-1), out=scratch[: hi - lo])  # z - m
+        if with_entropy:
+            a[lo:hi] = shifted.exp().mul_(shifted).sum(-1)
+        s[lo:hi] = shifted.exp_().sum(-1)  # in place: e^(z - m)
     return m, s, a, target_logit
 
 
 def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int, with_entropy: bool, dtype):
-    """:func:`shard_stats_` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
-    parts = [shard_stats_(shard_logits(hidden[i : i + chunk_size], weight, dtype), targets[i : i + chunk_size], vocab_start, with_entropy)
-             for i in range(0, hidden.shape[0], chunk_size)]
+    """:func:`shard_stats` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
+    parts = [shard_stats(shard_logits(hidden[lo:hi], weight, dtype), targets[lo:hi], vocab_start, with_entropy)
+             for lo, hi in chunk_bounds(hidden.shape[0], chunk_size)]
     if not parts:  # T = 0
         empty = torch.empty(0, dtype=dtype, device=hidden.device)
         return empty, empty, (empty if with_entropy else None), empty
@@ -99,20 +193,22 @@ def grad_logits_(
     """d(loss)/d(logits) of this shard, computed in place in ``logits`` (returned).
 
     ``d logp_t / d z = onehot(target) - p``; ``d H / d z = -p * (log p + H)``.
-    Shapes: ``logits [C, V_local]``, the rest ``[C]``. Holds at most two ``[C, V_local]``
-    buffers (one without entropy).
+    Shapes: ``logits [C, V_local]``, the rest ``[C]``. Elementwise over :func:`row_blocks`;
+    with entropy one block-sized temporary besides ``logits``.
     """
-    logp = logits.sub_(lse.unsqueeze(-1))  # in place: log p
-    ent_term = None
-    if grad_entropy is not None:
-        ent_term = (logp + entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1))  # -(log p + H) * gH
-    grad = logp.exp_()  # in place: p
-    if ent_term is not None:
-        ent_term.mul_(grad)
-    grad.mul_(-grad_logprob.unsqueeze(-1))  # -p * g_logp
-    if ent_term is not None:
-        grad.add_(ent_term)
-        del ent_term
+    for lo, hi in row_blocks(logits.shape[0], block_rows(logits.shape[1], logits.element_size())):
+        logp = logits[lo:hi].sub_(lse[lo:hi].unsqueeze(-1))  # in place: log p
+        ent_term = None
+        if grad_entropy is not None:
+            ent_term = (logp + entropy[lo:hi].unsqueeze(-1)).mul_(-grad_entropy[lo:hi].unsqueeze(-1))  # -(log p + H) * gH
+        p = logp.exp_()  # in place: p
+        if ent_term is not None:
+            ent_term.mul_(p)
+        p.mul_(-grad_logprob[lo:hi].unsqueeze(-1))  # -p * g_logp
+        if ent_term is not None:
+            p.add_(ent_term)
+            del ent_term
+    grad = logits
     # + g_logp at each row's target column; rows whose target is in another shard add 0 at a
     # clamped column (a scatter, not indexing with nonzero(), which would sync with the host)
     local = targets - vocab_start
@@ -159,14 +255,21 @@ def combine_stats(m, s, a, target_logit, group):
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, group, chunk_size, with_entropy, impl):
+    def forward(ctx, hidden, weight, targets, group, chunk, with_entropy, impl, keep):
+        """``chunk``: rows per chunk (resolved); ``keep``: keep one chunk's logits for the backward."""
         dtype = _compute_dtype(hidden, weight)
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * weight.shape[0]
-        stats = impl.shard_stats(hidden, weight, targets, vocab_start, chunk_size, with_entropy, dtype)
+        ctx.kept = None
+        if keep and impl is _TorchImpl and hidden.shape[0] <= chunk:
+            # one chunk: its logits stay (unchanged by shard_stats) for the backward
+            ctx.kept = shard_logits(hidden, weight, dtype)  # [T, V_local]
+            stats = shard_stats(ctx.kept, targets, vocab_start, with_entropy)
+        else:
+            stats = impl.shard_stats(hidden, weight, targets, vocab_start, chunk, with_entropy, dtype)
         lse, logprob, entropy = combine_stats(*stats, group)
         ctx.save_for_backward(hidden, weight, targets, lse, *([entropy] if with_entropy else []))
-        ctx.group, ctx.chunk_size, ctx.with_entropy, ctx.vocab_start, ctx.dtype, ctx.impl = group, chunk_size, with_entropy, vocab_start, dtype, impl
+        ctx.group, ctx.chunk, ctx.with_entropy, ctx.vocab_start, ctx.dtype, ctx.impl = group, chunk, with_entropy, vocab_start, dtype, impl
         if with_entropy:
             return logprob, entropy
         return logprob
@@ -176,6 +279,9 @@ class _FusedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse_all, *rest = ctx.saved_tensors
         entropy_all = rest[0] if ctx.with_entropy else None
         dtype = ctx.dtype
+        # the kept logits become the gradient in place: a second backward through this graph
+        # (retain_graph=True) finds none and recomputes, to the same values
+        kept, ctx.kept = ctx.kept, None
         # every row of grad_hidden is written by one chunk's mm; grad_weight is created by the
         # first chunk's product (no zero-filled [V/tp, H] pass) and accumulated by the rest
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
@@ -185,18 +291,16 @@ class _FusedLogprobs(torch.autograd.Function):
         if not ctx.with_entropy:
             grad_entropy = None
         w = weight.to(dtype)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            h = hidden[sl].to(dtype)
-            g = ctx.impl.grad_logits(  # [C, V_local] in dtype; logits recomputed inside from the raw inputs
-                hidden[sl], weight, targets[sl], ctx.vocab_start, lse_all[sl],
-                entropy_all[sl] if entropy_all is not None else None,
-                grad_logprob[sl].to(dtype),
-                grad_entropy[sl].to(dtype) if grad_entropy is not None else None,
-                dtype,
-            )
+        for lo, hi in chunk_bounds(hidden.shape[0], ctx.chunk):
+            h = hidden[lo:hi].to(dtype)
+            lse, ent, y = lse_all[lo:hi], (entropy_all[lo:hi] if entropy_all is not None else None), targets[lo:hi]
+            g_lp, g_ent = grad_logprob[lo:hi].to(dtype), (grad_entropy[lo:hi].to(dtype) if grad_entropy is not None else None)
+            if kept is not None:  # the one chunk's logits, from the forward
+                g, kept = grad_logits_(kept, lse, ent, y, ctx.vocab_start, g_lp, g_ent), None
+            else:  # [C, V_local] in dtype; logits recomputed inside from the raw inputs
+                g = ctx.impl.grad_logits(hidden[lo:hi], weight, y, ctx.vocab_start, lse, ent, g_lp, g_ent, dtype)
             if grad_hidden is not None:
-                torch.mm(g, w, out=grad_hidden[sl])  # [C, H]
+                torch.mm(g, w, out=grad_hidden[lo:hi])  # [C, H]
             if ctx.needs_input_grad[1]:
                 if grad_weight is None:
                     grad_weight = g.T @ h  # [V_local, H]
@@ -209,11 +313,11 @@ class _FusedLogprobs(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 class _TorchImpl:
-    """Pure torch: chunked matmuls, one ``[C, V_local]`` buffer."""
+    """Pure torch: chunked matmuls, one ``[C, V_local]`` buffer (kept from forward to backward for one chunk)."""
 
     name = "torch"
     shard_stats = staticmethod(torch_shard_stats)
@@ -261,8 +365,10 @@ def fused_logprobs(
     targets: torch.Tensor,
     *,
     tp_group=None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     return_entropy: bool = False,
+    recompute: bool = False,
     impl: str = "auto",
     debug_checks: bool | None = None,
 ):
@@ -274,8 +380,16 @@ def fused_logprobs(
             ``[V/tp, H]`` (``[V, H]`` without ``tp_group``).
         targets: global token ids. Shape: ``[T]``, long.
         tp_group: the tensor-parallel process group, or None for the whole vocabulary.
-        chunk_size: tokens per chunk; at most ``[chunk_size, V/tp]`` logits are held.
+        chunk_size: tokens per chunk; at most ``[chunk_size, V/tp]`` logits are held. None
+            (default): ``T`` in the fewest equal chunks that fit ``memory_budget``
+            (:func:`chunk_for_budget`).
+        memory_budget: bytes of chunk-sized buffers when ``chunk_size`` is None (512 MiB
+            by default; at ``V/tp = 151936`` in float32 that is 875 tokens a chunk).
         return_entropy: also return the entropy of each token's distribution.
+        recompute: never keep logits between forward and backward, even when the tokens
+            fit in one chunk (the default keeps them then, which saves the backward one
+            ``T x V/tp x H`` product). Same values and gradients either way; set it when
+            many graphs are held before one backward, each would hold its chunk.
         impl: ``torch`` (chunked matmuls, any device), ``triton`` (fused GPU kernels: the
             forward never builds logits, the backward one ``[chunk_size, V/tp]`` gradient
             buffer at a time; not timed on a GPU yet) or ``auto``: torch on every device,
@@ -293,11 +407,16 @@ def fused_logprobs(
         raise ValueError(f"hidden must be [T, H] and weight [V_local, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must have shape [T] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None: chosen from memory_budget), got {chunk_size}")
+    if chunk_size is None and memory_budget < 1:
+        raise ValueError(f"memory_budget must be >= 1 byte (default {DEFAULT_MEMORY_BUDGET}), got {memory_budget}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
     if _debug_checks_on(debug_checks):
         _check_target_range(targets, weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1))
-    chosen = _pick_impl(impl, _compute_dtype(hidden, weight))
-    return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk_size, return_entropy, chosen)
+    dtype = _compute_dtype(hidden, weight)
+    chosen = _pick_impl(impl, dtype)
+    chunk = chunk_rows(hidden.shape[0], chunk_size, weight.shape[0], dtype, memory_budget)
+    # without a graph (no_grad, as for old log-probs) the kept logits go with the call's context
+    return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk, return_entropy, chosen, not recompute)
