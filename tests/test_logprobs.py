@@ -218,11 +218,11 @@ def test_row_blocks_cover_the_rows_in_order_without_a_lone_row():
 
 
 def test_chunk_for_budget_is_the_largest_chunk_that_fits():
-    # 151936 float32 logits a row = 607,744 bytes; 512 MiB / 607,744 = 883.4 rows; 2 MiB blocks
-    # are 3 rows, two blocks and their merged remainders take 2 * (3 + 1) = 8 rows: 875
-    assert lp_module.BLOCK_BYTES == 2 * 2**20
-    assert chunk_for_budget(151936, torch.float32, 512 * 2**20) == 875
-    assert chunk_for_budget(151936 // 8, torch.float32, 512 * 2**20) == 7011  # 8 TP shards: 75,968 bytes a row, 7067 - 2 * (27 + 1)
+    # 151936 float32 logits a row = 607,744 bytes; 512 MiB / 607,744 = 883.4 rows; 32 MiB blocks
+    # are 55 rows, two blocks and their merged remainders take 2 * (55 + 1) = 112 rows: 771
+    assert lp_module.BLOCK_BYTES == 32 * 2**20
+    assert chunk_for_budget(151936, torch.float32, 512 * 2**20) == 771
+    assert chunk_for_budget(151936 // 8, torch.float32, 512 * 2**20) == 6183  # 8 TP shards: 75,968 bytes a row, 7067 - 2 * (441 + 1)
     rng = random.Random(0)
     for _ in range(500):
         v, dtype = rng.randint(1, 300_000), rng.choice([torch.float32, torch.float64])
@@ -245,11 +245,11 @@ def test_chunk_for_budget_is_the_largest_chunk_that_fits():
 
 def test_chunk_rows_splits_tokens_into_equal_budget_chunks_or_takes_the_given_size():
     row = 151936 * 4
-    assert chunk_rows(2048, None, 151936, torch.float32, 512 * 2**20) == 683  # 3 chunks of at most 875
-    assert chunk_rows(875, None, 151936, torch.float32, 512 * 2**20) == 875  # one chunk
-    assert chunk_rows(876, None, 151936, torch.float32, 512 * 2**20) == 438
+    assert chunk_rows(2048, None, 151936, torch.float32, 512 * 2**20) == 683  # 3 chunks of at most 771
+    assert chunk_rows(771, None, 151936, torch.float32, 512 * 2**20) == 771  # one chunk
+    assert chunk_rows(772, None, 151936, torch.float32, 512 * 2**20) == 386
     assert chunk_rows(2048, 1024, 151936, torch.float32, row) == 1024  # explicit: as given, whatever the budget
-    assert chunk_rows(0, None, 151936, torch.float32, 512 * 2**20) == 875
+    assert chunk_rows(0, None, 151936, torch.float32, 512 * 2**20) == 771
 
 
 def test_budget_default_gives_one_chunk_and_an_explicit_chunk_the_same_values(monkeypatch):
