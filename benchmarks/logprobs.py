@@ -58,7 +58,8 @@ def _start_megatron(device: str) -> None:
 def run_one(variant: str, tokens: int, hidden: int, vocab: int, repeats: int, device: str, chunk: int | None, budget_mb: int, threads: int | None) -> dict:
     import torch
 
-    from nemo_guide.kernels.logprobs import _compute_dtype, chunk_rows, fused_logprobs
+    from nemo_guide.kernels.chunking import chunk_rows
+    from nemo_guide.kernels.logprobs import _compute_dtype, fused_logprobs
 
     if threads:
         torch.set_num_threads(threads)

@@ -8,8 +8,10 @@ import torch.multiprocessing as mp
 
 from megatron_cpu import free_port
 
+from nemo_guide.kernels import chunking
 from nemo_guide.kernels import logprobs as lp_module
-from nemo_guide.kernels.logprobs import chunk_for_budget, chunk_rows, fused_logprobs, grad_logits_, row_blocks, shard_stats
+from nemo_guide.kernels.chunking import chunk_for_budget, chunk_rows, row_blocks
+from nemo_guide.kernels.logprobs import fused_logprobs, grad_logits_, shard_stats
 
 
 def _naive(hidden, weight, targets):
@@ -115,7 +117,7 @@ def _count_logits(monkeypatch) -> list[int]:
 def test_one_chunk_kept_equals_recompute_bit_for_bit(monkeypatch, dtype, return_entropy, chunk):
     """Tokens in one chunk: the backward reuses the forward's logits (one product of logits, not
     two) and gives exactly the values and gradients of the recomputing backward."""
-    monkeypatch.setattr(lp_module, "BLOCK_BYTES", 3 * 101 * 8)  # blocks of 3 rows (6 in float32), 29 = 9*3 + 2
+    monkeypatch.setattr(chunking, "BLOCK_BYTES", 3 * 101 * 8)  # blocks of 3 rows (6 in float32), 29 = 9*3 + 2
     torch.manual_seed(1)
     h, w = torch.randn(29, 24, dtype=dtype), torch.randn(101, 24, dtype=dtype)
     y, g1, g2 = torch.randint(0, 101, (29,)), torch.randn(29), torch.randn(29)
@@ -184,7 +186,7 @@ def test_row_blocks_round_like_the_whole_chunk(monkeypatch):
     same arithmetic on the whole ``[C, V]`` chunk at once bit for bit, at 1 and 2 threads: the
     blocks change no training result. (The sums are why a one-row remainder joins its neighbour:
     torch splits a single row's sum over threads and rounds it differently.)"""
-    monkeypatch.setattr(lp_module, "BLOCK_BYTES", 3 * 5003 * 4)  # 3 rows a block; 37 = 11*3 + 4
+    monkeypatch.setattr(chunking, "BLOCK_BYTES", 3 * 5003 * 4)  # 3 rows a block; 37 = 11*3 + 4
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
@@ -220,7 +222,7 @@ def test_row_blocks_cover_the_rows_in_order_without_a_lone_row():
 def test_chunk_for_budget_is_the_largest_chunk_that_fits():
     # 151936 float32 logits a row = 607,744 bytes; 512 MiB / 607,744 = 883.4 rows; 32 MiB blocks
     # are 55 rows, two blocks and their merged remainders take 2 * (55 + 1) = 112 rows: 771
-    assert lp_module.BLOCK_BYTES == 32 * 2**20
+    assert chunking.BLOCK_BYTES == 32 * 2**20
     assert chunk_for_budget(151936, torch.float32, 512 * 2**20) == 771
     assert chunk_for_budget(151936 // 8, torch.float32, 512 * 2**20) == 6183  # 8 TP shards: 75,968 bytes a row, 7067 - 2 * (441 + 1)
     rng = random.Random(0)
@@ -228,7 +230,7 @@ def test_chunk_for_budget_is_the_largest_chunk_that_fits():
         v, dtype = rng.randint(1, 300_000), rng.choice([torch.float32, torch.float64])
         budget = rng.choice([rng.randint(1, 2**34), rng.randint(1, 64 * v * 8)])  # large, and near a few rows
         item = 4 if dtype == torch.float32 else 8
-        block = lp_module.block_rows(v, item) + 1
+        block = chunking.block_rows(v, item) + 1
 
         def need(c, v=v, item=item, block=block):  # the logits and two scratch blocks, bytes
             return (c + 2 * min(c, block)) * v * item

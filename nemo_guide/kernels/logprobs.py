@@ -3,24 +3,24 @@
 ``fused_logprobs(hidden, weight, targets)`` returns ``log softmax(hidden @ W.T)[t, targets[t]]``
 (and optionally the entropy of each row's distribution) in float32. Tokens are processed
 in chunks of ``chunk_size`` rows, at most ``[chunk_size, V_local]`` logits at a time. By
-default (``chunk_size=None``) the chunk is chosen from a memory budget
-(:func:`chunk_for_budget`, 512 MiB unless ``memory_budget`` says otherwise) and the tokens
-are split into equal chunks; an integer ``chunk_size`` is used as given.
+default (``chunk_size=None``) the tokens are split into the fewest equal chunks that fit a
+memory budget (``chunking.chunk_for_budget``, 512 MiB unless ``memory_budget`` says
+otherwise); an integer ``chunk_size`` is used as given.
 
-Kept or recomputed: when the tokens fit in one chunk and a gradient is wanted, the forward
-keeps that chunk's logits and the backward turns them into the gradient in place: three
-``T x V x H`` products in all (forward logits, hidden and weight gradients), like
-megatron-core's ``vocab_parallel_cross_entropy``, which keeps its softmax. With several
-chunks the forward keeps nothing and the backward recomputes each chunk's logits (a fourth
-product) so that no more than one chunk is held, forward or backward. ``recompute=True``
-forces the second way for one chunk too; both give the same values and gradients bit for
-bit (the backward does the same arithmetic on the same logits).
+Kept or recomputed: when the tokens fit in one chunk, the forward keeps that chunk's logits
+and the backward turns them into the gradient in place: three ``T x V x H`` products in all
+(forward logits, hidden and weight gradients), like megatron-core's
+``vocab_parallel_cross_entropy``, which keeps its softmax. Without a graph (``no_grad``) the
+kept logits go when the call returns. With several chunks the forward keeps nothing and the
+backward recomputes each chunk's logits (a fourth product), so that no more than one chunk
+is held, forward or backward. ``recompute=True`` forces the second way for one chunk too;
+both give the same values and gradients bit for bit (the same arithmetic on the same logits).
 
-Per-chunk elementwise work runs over blocks of a few rows (:func:`row_blocks`, about
-``BLOCK_BYTES`` each): the forward's shifted/exponentiated logits live in one block-sized
-scratch, so the chunk's logits are never overwritten before the backward needs them, and
-the backward's entropy term needs one block, not a second chunk. A row's sum is the same
-whichever block holds it (a test checks this against whole-chunk sums), so the blocks
+Per-chunk elementwise work runs over blocks of rows (``chunking.row_blocks``, about
+``chunking.BLOCK_BYTES`` = 32 MiB each): the forward's shifted and exponentiated logits live
+in one block-sized scratch, so the chunk's logits are intact when the backward needs them,
+and the backward's entropy term needs one block, not a second chunk. A row's sum is the same
+whichever block holds it (a test checks this against whole-chunk arithmetic), so the blocks
 change no result.
 
 With a ``tp_group`` the vocabulary is sharded as in Megatron's column-parallel output layer:
@@ -47,80 +47,12 @@ read metadata only and always run.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.distributed as dist
 
-DEFAULT_MEMORY_BUDGET = 512 * 2**20
-"""Bytes of chunk-sized buffers ``chunk_size=None`` allows (see :func:`chunk_for_budget`)."""
-BLOCK_BYTES = 32 * 2**20
-"""About this many bytes per row block of elementwise work (see :func:`block_rows`). Smaller
-blocks stay in cache on one CPU thread, but every block is one more parallel region (or
-kernel launch) per elementwise op, which costs more than the cache gains on a loaded
-2-core machine and on a GPU."""
-
-# -- chunk and block sizes (pure) ----------------------------------------------------------
-
-
-def block_rows(vocab_shard: int, itemsize: int) -> int:
-    """Rows per block of elementwise work: ``BLOCK_BYTES`` of ``[rows, V_local]``, at least 2."""
-    return max(2, BLOCK_BYTES // max(1, vocab_shard * itemsize))
-
-
-def row_blocks(rows: int, block: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` pairs covering ``range(rows)`` in blocks of ``block`` rows.
-
-    A one-row remainder joins the block before it, so a chunk of several rows is never
-    reduced one row at a time: torch sums a single row with a two-pass split over threads,
-    which rounds differently from the row-parallel sum of a multi-row tensor.
-    """
-    if block < 2:
-        raise ValueError(f"block = {block}: must be >= 2 rows")
-    edges = [*range(0, rows, block), rows]
-    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
-        del edges[-2]
-    return list(zip(edges[:-1], edges[1:], strict=True)) if rows else []
-
-
-def chunk_for_budget(vocab_shard: int, dtype: torch.dtype, budget: int) -> int:
-    """The largest chunk (tokens) whose buffers fit in ``budget`` bytes.
-
-    One chunk holds ``C`` rows of logits ``[C, V_local]`` in ``dtype`` (the compute dtype:
-    float32, or float64 for float64 inputs), which the backward turns into the gradient in
-    place, plus at most two row blocks of scratch, each ``min(C, B + 1)`` rows
-    (``B = block_rows(V_local, itemsize)``, one more for a merged remainder). With
-    ``R = floor(budget / (V_local * itemsize))`` rows in the budget that is
-    ``C = max(R - 2 * (B + 1), floor(R / 3), 1)``: the first term when the chunk is longer
-    than a block, the second when it is not. A budget below one row and its scratch is
-    exceeded (``C = 1``), not refused. Not counted: the weight-sized buffers (the weight
-    gradient, float32 copies of a 16-bit weight) and ``[T, H]``/``[T]`` ones, which do not
-    depend on the chunk.
-
-    Example: ``V_local = 151936``, float32 (607,744 bytes a row), 512 MiB: ``R = 883``;
-    32 MiB blocks are ``B = 55`` rows, so ``C = 883 - 112 = 771``.
-    """
-    if vocab_shard < 1 or budget < 1:
-        raise ValueError(f"chunk_for_budget(vocab_shard={vocab_shard}, budget={budget}): both must be >= 1")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = budget // (vocab_shard * itemsize)
-    return max(1, rows - 2 * (block_rows(vocab_shard, itemsize) + 1), rows // 3)
-
-
-def chunk_rows(tokens: int, chunk_size: int | None, vocab_shard: int, dtype: torch.dtype, budget: int) -> int:
-    """Rows per chunk: ``chunk_size`` as given, or (None) ``T`` split into the fewest equal
-    chunks of at most :func:`chunk_for_budget` rows (at least 1)."""
-    if chunk_size is not None:
-        return chunk_size
-    most = chunk_for_budget(vocab_shard, dtype, budget)
-    return max(1, math.ceil(tokens / math.ceil(tokens / most))) if tokens else most
-
-
-def chunk_bounds(tokens: int, chunk: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each chunk of ``chunk`` rows; the last may be shorter."""
-    return [(i, min(i + chunk, tokens)) for i in range(0, tokens, chunk)]
-
+from nemo_guide.kernels.chunking import DEFAULT_MEMORY_BUDGET, block_rows, chunk_bounds, chunk_rows, row_blocks
 
 # -- pure per-shard steps ----------------------------------------------------------------
 
@@ -385,7 +317,7 @@ def fused_logprobs(
         tp_group: the tensor-parallel process group, or None for the whole vocabulary.
         chunk_size: tokens per chunk; at most ``[chunk_size, V/tp]`` logits are held. None
             (default): ``T`` in the fewest equal chunks that fit ``memory_budget``
-            (:func:`chunk_for_budget`).
+            (``chunking.chunk_for_budget``).
         memory_budget: bytes of chunk-sized buffers when ``chunk_size`` is None (512 MiB
             by default; at ``V/tp = 151936`` in float32 that is 771 tokens a chunk).
         return_entropy: also return the entropy of each token's distribution.
