@@ -7,14 +7,16 @@ default (``chunk_size=None``) the tokens are split into the fewest equal chunks 
 memory budget (``chunking.chunk_for_budget``, 512 MiB unless ``memory_budget`` says
 otherwise); an integer ``chunk_size`` is used as given.
 
-Kept or recomputed: when the tokens fit in one chunk, the forward keeps that chunk's logits
-and the backward turns them into the gradient in place: three ``T x V x H`` products in all
-(forward logits, hidden and weight gradients), like megatron-core's
-``vocab_parallel_cross_entropy``, which keeps its softmax. Without a graph (``no_grad``) the
-kept logits go when the call returns. With several chunks the forward keeps nothing and the
-backward recomputes each chunk's logits (a fourth product), so that no more than one chunk
-is held, forward or backward. ``recompute=True`` forces the second way for one chunk too;
-both give the same values and gradients bit for bit (the same arithmetic on the same logits).
+Kept or recomputed: the forward keeps the first chunk's logits and the backward turns them
+into that chunk's gradient in place; it recomputes the logits of every other chunk. With one
+chunk that is three ``T x V x H`` products in all (forward logits, hidden and weight
+gradients), like megatron-core's ``vocab_parallel_cross_entropy``, which keeps its softmax;
+with ``n`` chunks, ``3 + (n - 1) / n``. Memory stays at one chunk: the forward makes the
+chunks last to first (so the kept one is made last) and the backward walks them first to
+last (so the kept one goes first). Without a graph (``no_grad``) the kept logits go when the
+call returns. ``recompute=True`` keeps nothing and recomputes every chunk; both ways give the
+same values and gradients bit for bit (the same arithmetic on the same logits, the weight
+gradient summed over the chunks in the same order).
 
 Per-chunk elementwise work runs over blocks of rows (``chunking.row_blocks``, about
 ``chunking.BLOCK_BYTES`` = 32 MiB each): the forward's shifted and exponentiated logits live
@@ -105,15 +107,32 @@ def shard_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, w
     return m, s, a, target_logit
 
 
-def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int, with_entropy: bool, dtype):
-    """:func:`shard_stats` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
-    parts = [shard_stats(shard_logits(hidden[lo:hi], weight, dtype), targets[lo:hi], vocab_start, with_entropy)
-             for lo, hi in chunk_bounds(hidden.shape[0], chunk_size)]
+def chunked_stats(hidden, weight, targets, vocab_start: int, chunk_size: int, with_entropy: bool, dtype, keep_first: bool):
+    """:func:`shard_stats` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a
+    time, and (``keep_first``) the first chunk's logits, else None.
+
+    The chunks are made last to first, so the first is the one made last: keeping it holds no
+    second buffer while the others are made. (Each chunk's statistics are its own, so the
+    order changes no value.)
+    """
+    bounds = chunk_bounds(hidden.shape[0], chunk_size)
+    parts, first = [], None
+    for lo, hi in reversed(bounds):
+        logits = shard_logits(hidden[lo:hi], weight, dtype)  # [C, V_local]
+        parts.append(shard_stats(logits, targets[lo:hi], vocab_start, with_entropy))
+        if keep_first and lo == 0:
+            first = logits
+        del logits  # before the next chunk's buffer is made
     if not parts:  # T = 0
         empty = torch.empty(0, dtype=dtype, device=hidden.device)
-        return empty, empty, (empty if with_entropy else None), empty
-    m, s, a, t = zip(*parts, strict=True)
-    return torch.cat(m), torch.cat(s), (torch.cat(a) if with_entropy else None), torch.cat(t)
+        return (empty, empty, (empty if with_entropy else None), empty), None
+    m, s, a, t = zip(*reversed(parts), strict=True)
+    return (torch.cat(m), torch.cat(s), (torch.cat(a) if with_entropy else None), torch.cat(t)), first
+
+
+def torch_shard_stats(hidden, weight, targets, vocab_start: int, chunk_size: int, with_entropy: bool, dtype):
+    """:func:`shard_stats` of all ``T`` rows, ``chunk_size`` rows (one ``[C, V_local]`` buffer) at a time."""
+    return chunked_stats(hidden, weight, targets, vocab_start, chunk_size, with_entropy, dtype, keep_first=False)[0]
 
 
 def grad_logits_(
@@ -195,11 +214,9 @@ class _FusedLogprobs(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight)
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * weight.shape[0]
-        ctx.kept = None
-        if keep and impl is _TorchImpl and hidden.shape[0] <= chunk:
-            # one chunk: its logits stay (unchanged by shard_stats) for the backward
-            ctx.kept = shard_logits(hidden, weight, dtype)  # [T, V_local]
-            stats = shard_stats(ctx.kept, targets, vocab_start, with_entropy)
+        ctx.kept = None  # the first chunk's logits (shard_stats leaves them intact), for the backward
+        if keep and impl is _TorchImpl:
+            stats, ctx.kept = chunked_stats(hidden, weight, targets, vocab_start, chunk, with_entropy, dtype, keep_first=True)
         else:
             stats = impl.shard_stats(hidden, weight, targets, vocab_start, chunk, with_entropy, dtype)
         lse, logprob, entropy = combine_stats(*stats, group)
@@ -230,7 +247,7 @@ class _FusedLogprobs(torch.autograd.Function):
             h = hidden[lo:hi].to(dtype)
             lse, ent, y = lse_all[lo:hi], (entropy_all[lo:hi] if entropy_all is not None else None), targets[lo:hi]
             g_lp, g_ent = grad_logprob[lo:hi].to(dtype), (grad_entropy[lo:hi].to(dtype) if grad_entropy is not None else None)
-            if kept is not None:  # the one chunk's logits, from the forward
+            if kept is not None:  # the first chunk: its logits from the forward, used up here
                 g, kept = grad_logits_(kept, lse, ent, y, ctx.vocab_start, g_lp, g_ent), None
             else:  # [C, V_local] in dtype; logits recomputed inside from the raw inputs
                 g = ctx.impl.grad_logits(hidden[lo:hi], weight, y, ctx.vocab_start, lse, ent, g_lp, g_ent, dtype)
@@ -252,7 +269,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
 
 class _TorchImpl:
-    """Pure torch: chunked matmuls, one ``[C, V_local]`` buffer (kept from forward to backward for one chunk)."""
+    """Pure torch: chunked matmuls, one ``[C, V_local]`` buffer (the first chunk's kept from forward to backward)."""
 
     name = "torch"
     shard_stats = staticmethod(torch_shard_stats)
@@ -321,10 +338,10 @@ def fused_logprobs(
         memory_budget: bytes of chunk-sized buffers when ``chunk_size`` is None (512 MiB
             by default; at ``V/tp = 151936`` in float32 that is 771 tokens a chunk).
         return_entropy: also return the entropy of each token's distribution.
-        recompute: never keep logits between forward and backward, even when the tokens
-            fit in one chunk (the default keeps them then, which saves the backward one
-            ``T x V/tp x H`` product). Same values and gradients either way; set it when
-            many graphs are held before one backward, each would hold its chunk.
+        recompute: keep no logits between forward and backward (the default keeps the
+            first chunk's, which saves the backward its ``C x V/tp x H`` product: with one
+            chunk the backward recomputes nothing). Same values and gradients either way;
+            set it when many graphs are held before one backward, each holding a chunk.
         impl: ``torch`` (chunked matmuls, any device), ``triton`` (fused GPU kernels: the
             forward never builds logits, the backward one ``[chunk_size, V/tp]`` gradient
             buffer at a time; not timed on a GPU yet) or ``auto``: torch on every device,
@@ -353,5 +370,5 @@ def fused_logprobs(
     dtype = _compute_dtype(hidden, weight)
     chosen = _pick_impl(impl, dtype)
     chunk = chunk_rows(hidden.shape[0], chunk_size, weight.shape[0], dtype, memory_budget)
-    # without a graph (no_grad, as for old log-probs) the kept logits go with the call's context
+    # without a graph (no_grad, as for old log-probs) the kept chunk goes with the call's context
     return _FusedLogprobs.apply(hidden, weight, targets.long(), tp_group, chunk, return_entropy, chosen, not recompute)
