@@ -210,3 +210,10 @@ def test_an_override_value_that_is_not_yaml_names_the_override_and_the_quoting(t
     assert "e.g. \"data.hint_template='Hint: {hint} Problem: {problem}'\"" in str(info.value)
     cfg = load_config(path, ["data.hint_template='Hint: {hint} Problem: {problem}'"])
     assert cfg.data.hint_template == "Hint: {hint} Problem: {problem}"
+
+
+def test_logprob_chunk_size_is_tokens_or_null_for_the_memory_budget():
+    assert config_from_dict({"backend": {"logprob_chunk_size": None}}).backend.logprob_chunk_size is None
+    assert config_from_dict({"backend": {"logprob_chunk_size": 256}}).backend.logprob_chunk_size == 256
+    with pytest.raises(ConfigError, match=r"backend.logprob_chunk_size = 0: must be >= 1, or null to choose it from a 512 MiB budget"):
+        config_from_dict({"backend": {"logprob_chunk_size": 0}})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from nemo_guide.planner.memory import (
     GIB,
+    LOGPROB_BLOCK_BYTES,
     Activations,
     Engine,
     Shape,
@@ -98,6 +100,16 @@ def test_pipeline_and_full_recompute_by_hand():
 def test_log_prob_peaks_by_hand():
     # fused: 3 fp32 copies of [V/t, H] + one [min(C, T), V/t] fp32 chunk + T x H x (2 + 4)
     assert fused_logprob_bytes(TINY, tp=2, chunk=4, response_tokens=10, half_params=True) == 3 * 16 * 8 * 4 + 4 * 16 * 4 + 10 * 8 * 6
+    # with the entropy, one row block more: at most the chunk here (4 rows); at V/t = 151936 in
+    # fp32 (607,744 bytes a row) 32 MiB blocks are 55 rows, 56 with a merged remainder
+    assert fused_logprob_bytes(TINY, tp=2, chunk=4, response_tokens=10, half_params=True, with_entropy=True) == 3 * 16 * 8 * 4 + (4 + 4) * 16 * 4 + 10 * 8 * 6
+    big = dataclasses.replace(TINY, vocab_size=2 * 151936)
+    extra = fused_logprob_bytes(big, tp=2, chunk=1024, response_tokens=2048, half_params=False, with_entropy=True) - fused_logprob_bytes(
+        big, tp=2, chunk=1024, response_tokens=2048, half_params=False)
+    assert extra == 56 * 151936 * 4
+    from nemo_guide.kernels.chunking import BLOCK_BYTES
+
+    assert LOGPROB_BLOCK_BYTES == BLOCK_BYTES  # the planner counts the kernel's block
     # naive: 14 bytes per [b, s, V/t] element
     assert naive_logprob_bytes(TINY, tp=2, micro_batch=3, seq_len=5) == 14 * 3 * 5 * 16
 

@@ -299,8 +299,9 @@ class BackendConfig(_Section):
     """Megatron tensor-parallel size."""
     pipeline_parallel: int = 1
     """Megatron pipeline-parallel size."""
-    logprob_chunk_size: int = 1024
-    """Tokens per chunk when computing log-probs (bounds the [chunk, V] logits held)."""
+    logprob_chunk_size: int | None = 1024
+    """Tokens per chunk when computing log-probs (bounds the [chunk, V] logits held); null: chosen
+    per call from a 512 MiB budget (fused_logprobs' chunk_for_budget; 771 tokens at V=151936)."""
 
     def check(self) -> list[str]:
         p: list[str] = []
@@ -313,8 +314,8 @@ class BackendConfig(_Section):
                 p.append(f"{s}.{name} = {v}: must be >= 1")
             elif v > 1 and self.name == "torch":
                 p.append(f"{s}.{name} = {v}: the torch backend is single-process; set backend.name=megatron or {name}=1")
-        if self.logprob_chunk_size < 1:
-            p.append(f"{s}.logprob_chunk_size = {self.logprob_chunk_size}: must be >= 1")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
+            p.append(f"{s}.logprob_chunk_size = {self.logprob_chunk_size}: must be >= 1, or null to choose it from a 512 MiB budget")
         return p
 
 

@@ -21,7 +21,7 @@ Pure arithmetic on plain numbers (no torch, no NeMo). Every function returns byt
   with the 1F1B schedule the first stage holds ``min(p, m)`` micro-batches (Sec. 4.2.3).
 - log-prob peak: counted from the code that runs: this project's chunked ``fused_logprobs``
   (``nemo_guide/kernels/logprobs.py``: fp32 copies of the ``[V/t, H]`` output shard and its
-  gradient, one ``[C, V/t]`` fp32 chunk) and, for comparison, Aligner's ``DistributedLogprob``
+  gradient, one ``[C, V/t]`` fp32 chunk and, with the entropy, a row block) and, for comparison, Aligner's ``DistributedLogprob``
   on full ``[b, s, V/t]`` logits (bf16 logits, the fp32 copy Megatron's ``Float16Module`` makes,
   the shifted/softmax fp32 tensor saved for backward, the fp32 log).
 - TensorRT-LLM engine: a second copy of the weights (NeMo 2.1 ``TensorRTLLM.build`` with
@@ -193,15 +193,23 @@ def activation_bytes(shape: Shape, a: Activations, *, pp: int, micro_batches: in
     return stored * max(1, min(pp, micro_batches)) + working
 
 
+LOGPROB_BLOCK_BYTES = 32 * 2**20
+"""``nemo_guide.kernels.chunking.BLOCK_BYTES``: the row block of ``fused_logprobs``'s elementwise work."""
+
+
 def fused_logprob_bytes(shape: Shape, *, tp: int, chunk: int, response_tokens: int, half_params: bool, with_entropy: bool = False) -> float:
     """Peak of ``fused_logprobs`` in backward on the last stage: fp32 copies of the ``[V/t, H]``
     weight shard (two transient casts and the gradient; one when weights are fp32 already), the
-    ``[C, V/t]`` fp32 chunk (two with the entropy), and the ``[T, H]`` hidden states (bf16 input,
-    fp32 gradient) of the micro-batch's ``T`` response tokens."""
+    ``[C, V/t]`` fp32 chunk (kept from the forward when the tokens fit in one chunk, else
+    recomputed), with the entropy one row block of it more (``LOGPROB_BLOCK_BYTES``, at least
+    2 rows and one more for a merged remainder, at most the chunk), and the ``[T, H]`` hidden
+    states (bf16 input, fp32 gradient) of the micro-batch's ``T`` response tokens."""
     shard = shape.vocab_size / tp * shape.hidden_size * 4
     copies = 3 if half_params else 1
-    chunk_bytes = min(chunk, max(response_tokens, 1)) * shape.vocab_size / tp * 4 * (2 if with_entropy else 1)
-    return copies * shard + chunk_bytes + response_tokens * shape.hidden_size * (2 + 4)
+    row = shape.vocab_size / tp * 4
+    rows = min(chunk, max(response_tokens, 1))
+    block = min(rows, max(2, LOGPROB_BLOCK_BYTES // int(row)) + 1) if with_entropy else 0
+    return copies * shard + (rows + block) * row + response_tokens * shape.hidden_size * (2 + 4)
 
 
 def naive_logprob_bytes(shape: Shape, *, tp: int, micro_batch: int, seq_len: int) -> float:

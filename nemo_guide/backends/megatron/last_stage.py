@@ -30,7 +30,7 @@ def response_logprobs(
     width: int,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log pi(o_t | prompt, o_<t)`` (and the entropy) of every response token of the rows.
@@ -49,7 +49,8 @@ def response_logprobs(
         width: ``L``, columns of the result (the batch's longest response or more).
         tp_group: the tensor-parallel process group, or None for a whole vocabulary.
         temperature: the sampling temperature; logits are divided by it.
-        chunk_size: response tokens per chunk of ``fused_logprobs``.
+        chunk_size: response tokens per chunk of ``fused_logprobs``; None: chosen from its
+            memory budget. With one chunk its logits are kept for the backward.
         return_entropy: also return each token's entropy.
 
     Returns:
