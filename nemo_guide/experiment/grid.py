@@ -51,7 +51,6 @@ TOP_KEYS = ("description", "base", "output_dir", "seeds", "set", "eval", "tables
 TABLE_KEYS = ("title", "rows", "axes", "columns", "note")
 EVAL_KEYS = ("samples", "k", "limit", "with_hints")
 PROGRESS_KEYS = ("rows", "k")
-RESERVED_ROW_KEYS = ("eval_only",)
 
 
 class GridError(ConfigError):
