@@ -68,9 +68,11 @@ RARE_WRONG: dict[str, Definition] = {"$": (8, 2), "!": (4, 3)}
 unhinted examples; both coefficients differ from the right one's."""
 RARE_P: dict[str, float] = {"$": 0.05, "!": 0.25}
 """Share of a rare operator's unhinted SFT examples (regimes mixture) with the right definition."""
-DEFINITIONS = {**KNOWN, **NOVEL, **UNSEEN, **RARE}
-BASE_OPS = "".join({**KNOWN, **NOVEL, **UNSEEN})
-"""The operators of the default SFT mixture (its hinted draws pick from exactly these)."""
+BASE_DEFINITIONS = {**KNOWN, **NOVEL, **UNSEEN}
+"""The operators of the default SFT mixture (``builtin:tiny``, ``builtin:tiny-llama``)."""
+BASE_OPS = "".join(BASE_DEFINITIONS)
+"""The default mixture's hinted draws pick from exactly these, in this order."""
+DEFINITIONS = {**BASE_DEFINITIONS, **RARE}
 HINT_TEMPLATE = "H:{hint};{problem}"
 """The compact guided-prompt template of the tiny config (``data.hint_template``)."""
 ANSWER_MARKER = "A:"
