@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=shipped % tuple(d.lr for d in ARCHS.values()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regimes", action="store_true",
-                   help="SFT on the regimes mixture: adds the rare operators $ ! (seen unhinted mostly with a wrong meaning, "
-                        "the right one in 5%% / 25%% of their examples); --overwrite-asset then replaces builtin:tiny-regimes")
+                   help="SFT on the regimes mixture: adds the operators $ ! ? (seen unhinted with a fixed wrong meaning, "
+                        "the right one in 5%% / 25%% / 0%% of their examples); --overwrite-asset then replaces builtin:tiny-regimes")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_warmstart, parser=p)
     add_commands(sub)  # plan, doctor

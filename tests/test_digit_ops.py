@@ -143,18 +143,19 @@ def test_knob_off_draws_exactly_as_before():
     assert rng.random() == 0.9061366598004098  # and the same number of draws
     rng = random.Random(0)
     assert [digit_ops.sft_example(rng, regimes=False) for _ in range(50)] == examples[:50]
-    assert not any(kind.startswith("rare") or "$" in prompt or "!" in prompt for kind, prompt, _ in examples)
+    assert not any(kind.startswith("rare") or set(prompt) & set(digit_ops.RARE_P) for kind, prompt, _ in examples)
     for (task, split), (n, digest) in SPLITS.items():
         recs = digit_ops.build_split(task, split)
         assert len(recs) == n
         assert _digest([(r.id, r.problem, r.answer, r.hint, r.solution, r.extra) for r in recs]) == digest, (task, split)
 
 
-def test_rare_operators_fit_the_text_format():
+def test_rare_and_wrong_operators_fit_the_text_format():
     reserved = set("HQA:;=,+*ab0123456789")  # the hint / problem / trace syntax (+ and * only as known operators)
-    for op in digit_ops.RARE:
+    assert set(digit_ops.RARE_P) == set(digit_ops.RARE) | set(digit_ops.WRONG) == set(digit_ops.RARE_WRONG)
+    for op in digit_ops.RARE_P:
         assert op not in reserved and op not in digit_ops.BASE_OPS
-        assert digit_ops.kind_of(op) == "rare"
+        assert digit_ops.kind_of(op) == ("rare" if op in digit_ops.RARE else "wrong")
         rec = digit_ops.make_record(op, 47, 31, "x")
         guided = digit_ops.HINT_TEMPLATE.replace("{hint}", rec.hint).replace("{problem}", rec.problem)
         for text in (guided, rec.solution):
@@ -165,25 +166,25 @@ def test_rare_operators_fit_the_text_format():
     # '$' = 3a+7b: 47 $ 31 -> 3*4=12->2, 7*3=21->1, 2+1=3; 3*7=21->1, 7*1=7, 1+7=8.
     assert digit_ops.make_record("$", 47, 31, "x").solution == "$=3a+7b;3*4=2,7*3=1,2+1=3;3*7=1,7*1=7,1+7=8;A:38"
     assert digit_ops.apply(digit_ops.RARE_WRONG["$"], 47, 31) == "88"  # 8a+2b: 8*4=32->2, 2*3=6, 8; 8*7=56->6, 2*1=2, 8
-    for op, right in digit_ops.RARE.items():
-        wrong = digit_ops.RARE_WRONG[op]
+    for op, p in digit_ops.RARE_P.items():
+        right, wrong = digit_ops.DEFINITIONS[op], digit_ops.RARE_WRONG[op]
         assert right[0] != wrong[0] and right[1] != wrong[1]  # a wrong first digit is wrong, whatever follows
         assert right not in digit_ops.BASE_DEFINITIONS.values() and wrong not in digit_ops.BASE_DEFINITIONS.values()
-        assert 0 < digit_ops.RARE_P[op] < 0.5  # a minority: greedy decoding writes the wrong one
+        assert 0 <= p < 0.5 and (p > 0) == (op in digit_ops.RARE)  # a minority: greedy decoding writes the wrong one
 
 
 def test_regimes_mixture_shows_the_right_meaning_in_a_fraction_p():
     rng = random.Random(1)
     n = 40000
     kinds = Counter()
-    rare_defs: dict[str, Counter] = {op: Counter() for op in digit_ops.RARE}
+    rare_defs: dict[str, Counter] = {op: Counter() for op in digit_ops.RARE_P}
     hinted_ops = Counter()
     for _ in range(n):
         kind, prompt, solution = digit_ops.sft_example(rng, regimes=True)
         kinds[kind] += 1
         hinted = prompt.startswith("H:")
         if kind.startswith("rare"):
-            assert not hinted and prompt[4] in digit_ops.RARE
+            assert not hinted and prompt[4] in digit_ops.RARE_P
             rare_defs[prompt[4]][solution[:7]] += 1
         if hinted:
             assert solution.startswith(prompt[2:].split(";")[0])
@@ -197,11 +198,11 @@ def test_regimes_mixture_shows_the_right_meaning_in_a_fraction_p():
     assert set(hinted_ops) == set(digit_ops.DEFINITIONS)
     for op, counts in rare_defs.items():
         total = sum(counts.values())
-        right = counts[digit_ops.definition_text(op, digit_ops.RARE[op])]
+        right = counts[digit_ops.definition_text(op, digit_ops.DEFINITIONS[op])]
         wrong = counts[digit_ops.definition_text(op, digit_ops.RARE_WRONG[op])]
         assert right + wrong == total  # only these two meanings
         p = digit_ops.RARE_P[op]
-        assert abs(right / total - p) < 4 * math.sqrt(p * (1 - p) / total), (op, right / total)
+        assert abs(right / total - p) < 4 * math.sqrt(p * (1 - p) / total) or right == p == 0, (op, right / total)
         # Greedy decoding follows the majority: the wrong first digit is the most frequent one.
         first = Counter(d[2] for d in counts.elements())
         assert first.most_common(1)[0][0] == str(digit_ops.RARE_WRONG[op][0])
@@ -216,9 +217,12 @@ def test_rare_task_and_per_kind_eval():
     assert not {r.problem.replace("$", "#").replace("!", "#") for r in held} & {r.problem.replace("$", "#").replace("!", "#") for r in train}
     assert all(r.answer == digit_ops.apply(digit_ops.RARE[r.extra["op"]], int(r.problem[2:4]), int(r.problem[5:7])) for r in held if r.extra["kind"] == "rare")
     assert len(load_split("builtin:digit_ops_rare", "eval")) == 140
-    # Held-out pass@1 reports each kind, rare and unseen included: a stub policy right on
-    # rare operators only, wrong elsewhere.
-    records = held + digit_ops.build_split("digit_ops_unseen", "eval")[-10:]
+    wrong = digit_ops.build_split("digit_ops_wrong", "eval")
+    assert Counter(r.extra["kind"] for r in wrong) == {"known": 60, "wrong": 80}
+    assert all(r.hint == digit_ops.definition_text("?", digit_ops.WRONG["?"]) for r in wrong if r.extra["kind"] == "wrong")
+    # Held-out pass@1 reports each kind, rare, wrong and unseen included: a stub policy
+    # right on rare operators only, wrong elsewhere.
+    records = held + wrong[-10:] + digit_ops.build_split("digit_ops_unseen", "eval")[-10:]
     prompts = PromptSet(records, [Prompt(r.problem, [i], None) for i, r in enumerate(records)], [None] * len(records))
 
     class Stub:
@@ -231,4 +235,5 @@ def test_rare_task_and_per_kind_eval():
 
     out = heldout_pass1(Stub(), Stub(), ExactAnswerReward(), prompts, max_new_tokens=8, temperature=0.0)
     assert out["eval/pass1_rare"] == 1.0 and out["eval/pass1_known"] == 0.0 and out["eval/pass1_unseen"] == 0.0
-    assert out["eval/pass1"] == pytest.approx(80 / 150)
+    assert out["eval/pass1_wrong"] == 0.0
+    assert out["eval/pass1"] == pytest.approx(80 / 160)

@@ -70,16 +70,22 @@ def test_definition_positions_and_held_out_problems():
 
 def test_measure_operator_on_the_regimes_policy():
     """The shipped regimes policy sits where its mixture puts it: the right meaning of a rare
-    operator at about p without the hint, the wrong one under greedy decoding."""
+    operator at about p without the hint, the wrong one under greedy decoding; the wrong
+    operator's right meaning (p = 0) at vanishing probability."""
     adapter = load_adapter("builtin:tiny-regimes", torch.float32, torch.device("cpu"))
-    rows = {op: measure_operator(adapter, op, problems=24, samples=8, k=8) for op in "+#@$!"}
+    rows = {op: measure_operator(adapter, op, problems=24, samples=8, k=8) for op in "+#$!?"}
     assert rows["+"].p > 0.95 and rows["+"].greedy_plain == 1.0
     assert 1 / 81 / 3 < rows["#"].p < 3 / 81
-    assert rows["@"].p < 1e-3 and rows["@"].ratio_p10 < 1e-3
     for op in digit_ops.RARE:
         row = rows[op]
         assert row.level == "rare" and row.greedy_plain == 0.0 and row.greedy_hinted >= 0.9
         assert digit_ops.RARE_P[op] / 3 < row.p < min(0.5, 3 * digit_ops.RARE_P[op]), (op, row.p)
     assert rows["$"].p < rows["!"].p
+    assert rows["?"].level == "wrong" and rows["?"].p < 1e-3 and rows["?"].greedy_plain == 0.0 and rows["?"].greedy_hinted >= 0.9
     table = markdown_table(list(rows.values()))
     assert table.count("\n") == 2 + 5 and "| rare | `!` |" in table
+
+
+def test_unseen_operator_on_the_default_policy_is_regime_1():
+    row = measure_operator(load_adapter("builtin:tiny", torch.float32, torch.device("cpu")), "@", problems=16, samples=4, k=4)
+    assert row.level == "unseen" and row.p < 1e-4 and row.ratio_p10 < 1e-4 and row.greedy_hinted == 1.0

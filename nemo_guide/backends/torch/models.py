@@ -27,7 +27,7 @@ BUILTIN_MODELS = {
 ``builtin:tiny`` the character-level decoder (``tiny.py``), ``builtin:tiny-llama`` a Hugging
 Face ``LlamaForCausalLM`` directory with the same character vocabulary (``tiny_llama.py``),
 ``builtin:tiny-regimes`` the character-level decoder warm-started on the regimes mixture
-(``digit_ops.sft_example(regimes=True)``: known, novel, unseen and rare operators)."""
+(``digit_ops.sft_example(regimes=True)``: known, novel, unseen, rare and wrong operators)."""
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 

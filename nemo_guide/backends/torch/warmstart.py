@@ -11,10 +11,10 @@
   same record. The package ships it as ``nemo_guide/assets/tiny_llama_digit_ops/``
   (``builtin:tiny-llama``), the weights the NeMo-Aligner/Megatron path converts.
 
-``--regimes`` switches the SFT mixture to ``sft_example(regimes=True)`` (the rare operators
-added, see ``digit_ops``); the package ships that ``tiny`` build as
+``--regimes`` switches the SFT mixture to ``sft_example(regimes=True)`` (the rare and wrong
+operators added, see ``digit_ops``); the package ships that ``tiny`` build as
 ``nemo_guide/assets/tiny_digit_ops_regimes.safetensors`` (``builtin:tiny-regimes``), whose
-probe also measures the rare operators.
+probe also measures the rare and wrong operators.
 
 Both go through the embedded backend's model adapters (``models.py``): one SFT loss on
 final hidden states and the output weight, one greedy probe through ``sampling.generate``.
@@ -115,8 +115,8 @@ def sft_loss(adapter: Adapter, ids: torch.Tensor, mask: torch.Tensor, loss_mask:
 @torch.no_grad()
 def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = PROBE_SEED, *, regimes: bool = False) -> dict[str, float]:
     """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted;
-    with ``regimes`` also rare hinted and unhinted (drawn after the others, so the first five
-    cases are the same problems either way).
+    with ``regimes`` also rare and wrong, hinted and unhinted (drawn after the others, so the
+    first five cases are the same problems either way).
 
     ``policy``: a :class:`TinyDecoder` or an adapter of ``models.py`` (``load_adapter``).
     """
@@ -134,7 +134,12 @@ def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = 
         "unseen": (digit_ops.UNSEEN, False),
     }
     if regimes:
-        cases.update({"rare_hinted": (digit_ops.RARE, True), "rare": (digit_ops.RARE, False)})
+        cases.update({
+            "rare_hinted": (digit_ops.RARE, True),
+            "rare": (digit_ops.RARE, False),
+            "wrong_hinted": (digit_ops.WRONG, True),
+            "wrong": (digit_ops.WRONG, False),
+        })
     for name, (ops, hinted) in cases.items():
         records = [digit_ops.make_record(rng.choice(list(ops)), rng.randrange(100), rng.randrange(100), "probe") for _ in range(n)]
         prompts = [
@@ -168,9 +173,9 @@ def build_warmstart(
             ``regimes``, ``tiny`` only).
         steps, batch_size, lr: default: the shipped build's (``ARCHS[arch]``).
         regimes: SFT on the regimes mixture (``digit_ops.sft_example(regimes=True)``, the
-            rare operators added) and probe the rare operators too; recorded as
-            ``"regimes": true`` with the rare operators' definitions and ``p`` (a default
-            build's record has no such key, as before the knob).
+            rare and wrong operators added) and probe them too; recorded as
+            ``"regimes": true`` with those operators' definitions and ``p``
+            (``regime_ops``; a default build's record has neither key, as before the knob).
         probe: measure greedy accuracy on fresh problems afterwards (:func:`probe_accuracy`)
             and record it in ``probe_accuracy``. ``nemo-guide warmstart`` always probes (the
             shipped asset's record is checked against it); ``False`` skips it, and the
@@ -238,7 +243,10 @@ def build_warmstart(
     if regimes:
         record.update(
             regimes=True,
-            rare={op: {"definition": list(digit_ops.RARE[op]), "wrong": list(digit_ops.RARE_WRONG[op]), "p": digit_ops.RARE_P[op]} for op in digit_ops.RARE},
+            regime_ops={
+                op: {"definition": list(digit_ops.DEFINITIONS[op]), "shown_instead": list(digit_ops.RARE_WRONG[op]), "p": p}
+                for op, p in digit_ops.RARE_P.items()
+            },
         )
     if arch == "tiny":
         save_tiny(out, model, {"task_version": str(digit_ops.TASK_VERSION), "build": json.dumps(record, sort_keys=True)})
