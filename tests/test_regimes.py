@@ -12,6 +12,7 @@ from nemo_guide.backends.torch.regimes import (
     held_out_records,
     markdown_table,
     measure_operator,
+    pass_at_k_from_p,
     regime_stats,
     response_logprobs,
 )
@@ -38,6 +39,16 @@ def test_regime_stats_hand_computed():
     assert same["ratio_q"].tolist() == pytest.approx([1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         regime_stats(plain, hinted[:1])
+
+
+def test_pass_at_k_from_p():
+    # p = (.5, 0, 1), k = 2: 1 - .25 = .75, 0, 1 -> mean 7/12.
+    assert pass_at_k_from_p(torch.tensor([0.5, 0.0, 1.0]), 2).item() == pytest.approx(7 / 12)
+    assert pass_at_k_from_p(torch.tensor([0.3]), 1).item() == pytest.approx(0.3)
+    p = torch.rand(50)
+    assert (pass_at_k_from_p(p, 8) >= pass_at_k_from_p(p, 4)).item()  # more tries never hurt
+    with pytest.raises(ValueError, match="k >= 1"):
+        pass_at_k_from_p(p, 0)
 
 
 def test_response_logprobs_match_a_direct_forward():
@@ -89,3 +100,4 @@ def test_measure_operator_on_the_regimes_policy():
 def test_unseen_operator_on_the_default_policy_is_regime_1():
     row = measure_operator(load_adapter("builtin:tiny", torch.float32, torch.device("cpu")), "@", problems=16, samples=4, k=4)
     assert row.level == "unseen" and row.p < 1e-4 and row.ratio_p10 < 1e-4 and row.greedy_hinted == 1.0
+    assert row.pass_k_from_p < 1e-3

@@ -10,8 +10,11 @@ reference trace after the plain and after the guided prompt and reports:
   summed log-probs of the definition digits, averaged over problems (:func:`regime_stats`);
 - quantiles of the per-token ratio ``pi(plain) / pi(hinted)`` over the definition digits
   of all problems (:func:`regime_stats`);
-- greedy accuracy without and with the hint, and pass@k without the hint (the unbiased
-  estimator on ``samples`` draws at temperature 1 per problem).
+- greedy accuracy without and with the hint, and pass@k without the hint: the unbiased
+  estimator on ``samples`` draws at temperature 1 per problem, and from ``p`` alone
+  (:func:`pass_at_k_from_p`). A sampled rollout can also score with a trace that does not
+  follow its own definition (a random 2-digit answer is right 1 time in 100), so the
+  sampled figure is not exactly 0 where ``p`` is.
 
 ``python -m nemo_guide.backends.torch.regimes builtin:tiny-regimes`` prints the table for
 every operator (the regime map's starting point; ``notes_regime.md`` holds the shipped
@@ -65,6 +68,14 @@ def regime_stats(plain: torch.Tensor, hinted: torch.Tensor, quantiles: Sequence[
         "ratio_q": torch.quantile(log_ratio, q).exp(),  # exp is monotone: quantiles of the ratio
         "log_ratio_mean": log_ratio.mean(),
     }
+
+
+def pass_at_k_from_p(p: torch.Tensor, k: int) -> torch.Tensor:
+    """``mean_n 1 - (1 - p[n])^k``: pass@k if a rollout is right exactly when it writes the
+    right definition, which it does with probability ``p[n]`` on problem ``n``. Shape: ``[N] -> []``."""
+    if k < 1:
+        raise ValueError(f"pass@k needs k >= 1, got {k}")
+    return (1 - (1 - p.double()).pow(k)).mean()
 
 
 def definition_token_positions(adapter: Adapter, solution: str) -> list[int]:
@@ -121,6 +132,9 @@ class RegimeRow:
     greedy_plain: float
     greedy_hinted: float
     pass_k_plain: float
+    """Unbiased pass@k over ``samples`` sampled rollouts per problem."""
+    pass_k_from_p: float
+    """:func:`pass_at_k_from_p` of the teacher-forced definition probabilities."""
     k: int
     problems: int
     samples: int
@@ -168,6 +182,7 @@ def measure_operator(adapter: Adapter, op: str, *, problems: int = 64, samples: 
         greedy_plain=sum(greedy_plain) / len(records),
         greedy_hinted=sum(greedy_hinted) / len(records),
         pass_k_plain=sum(pass_at_k(samples, c, k) for c in correct) / len(records),
+        pass_k_from_p=float(pass_at_k_from_p(lp_plain.double().sum(-1).exp(), k)),
         k=k,
         problems=len(records),
         samples=samples,
@@ -178,13 +193,14 @@ def markdown_table(rows: Sequence[RegimeRow]) -> str:
     """One line per operator: level, operator, ``p``, ratio quantiles, greedy accuracy, pass@k."""
     k = rows[0].k if rows else 8
     lines = [
-        f"| level | op | p (plain, right definition) | ratio p10 | ratio median | ratio p90 | greedy no hint | greedy hint | pass@{k} no hint |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| level | op | p (plain, right definition) | ratio p10 | ratio median | ratio p90 | greedy no hint | greedy hint "
+        f"| pass@{k} no hint (sampled) | pass@{k} from p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.level} | `{r.op}` | {r.p:.3g} | {r.ratio_p10:.3g} | {r.ratio_median:.3g} | {r.ratio_p90:.3g} "
-            f"| {r.greedy_plain:.2f} | {r.greedy_hinted:.2f} | {r.pass_k_plain:.2f} |"
+            f"| {r.greedy_plain:.2f} | {r.greedy_hinted:.2f} | {r.pass_k_plain:.2f} | {r.pass_k_from_p:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
