@@ -77,15 +77,11 @@ def test_shipped_regimes_asset_is_current():
     assert load_adapter("builtin:tiny-regimes", torch.float32, torch.device("cpu")).source == "builtin:tiny-regimes"
 
 
-@pytest.mark.slow
 def test_shipped_regimes_probe_matches_its_record():
     model, meta = load_tiny(REGIMES_ASSET)
     recorded = json.loads(meta["build"])["probe_accuracy"]
-    measured = probe_accuracy(model, regimes=True)
-    # Greedy decoding of the same problems: equal up to one problem per case, in case another
-    # thread count flips a near tie.
-    assert set(measured) == set(recorded)
-    assert all(abs(measured[k] - recorded[k]) <= 1 / 64 for k in recorded), (measured, recorded)
+    # Greedy decoding of the same 9 x 64 problems (measured equal at one and two threads).
+    assert probe_accuracy(model, regimes=True) == recorded
 
 
 def test_warmstart_regimes_flag(tmp_path, capsys):
