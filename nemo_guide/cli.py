@@ -203,19 +203,21 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from nemo_guide.backends.torch.warmstart import ARCHS, build_warmstart
+    from nemo_guide.backends.torch.warmstart import ARCHS, REGIMES_ASSET, build_warmstart
 
     from nemo_guide.errors import RunError
 
-    asset = ARCHS[args.arch].asset
+    asset = REGIMES_ASSET if args.regimes else ARCHS[args.arch].asset
+    if args.regimes and args.arch != "tiny" and args.overwrite_asset:
+        raise RunError(f"warmstart --regimes --arch {args.arch} --overwrite-asset: only the tiny build is shipped (builtin:tiny-regimes); give --out DIR instead")
     if (args.out is None) == (not args.overwrite_asset):
         target = "FILE.safetensors (e.g. --out runs/warmstart.safetensors)" if args.arch == "tiny" else "DIR (e.g. --out runs/tiny_llama)"
         raise RunError(
             f"warmstart writes to --out {target}; --overwrite-asset replaces the packaged "
-            f"builtin:{'tiny' if args.arch == 'tiny' else 'tiny-llama'} policy {asset} instead. Give exactly one of them"
+            f"builtin:{'tiny-regimes' if args.regimes else 'tiny' if args.arch == 'tiny' else 'tiny-llama'} policy {asset} instead. Give exactly one of them"
         )
     apply_threads(args.threads, "cpu")  # the warm start trains on CPU
-    build_warmstart(args.out or asset, arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    build_warmstart(args.out or asset, arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, regimes=args.regimes)
     return 0
 
 
@@ -310,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=shipped % tuple(d.batch_size for d in ARCHS.values()))
     p.add_argument("--lr", type=float, default=None, help=shipped % tuple(d.lr for d in ARCHS.values()))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regimes", action="store_true",
+                   help="SFT on the regimes mixture: adds the operators $ ! ? (seen unhinted with a fixed wrong meaning, "
+                        "the right one in 5%% / 25%% / 0%% of their examples); --overwrite-asset then replaces builtin:tiny-regimes")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_cmd_warmstart, parser=p)
     add_commands(sub)  # plan, doctor

@@ -94,9 +94,10 @@ def test_shipped_directory_is_a_tiny_llama():
 
 
 def test_builtin_names():
-    assert set(BUILTIN_MODELS) == {"builtin:tiny", "builtin:tiny-llama"}
+    assert set(BUILTIN_MODELS) == {"builtin:tiny", "builtin:tiny-llama", "builtin:tiny-regimes"}
     assert builtin_path("tiny").name == "tiny_digit_ops.safetensors"
-    with pytest.raises(RunError, match="builtin:tiny, builtin:tiny-llama"):
+    assert builtin_path("builtin:tiny-regimes").name == "tiny_digit_ops_regimes.safetensors"
+    with pytest.raises(RunError, match="builtin:tiny, builtin:tiny-llama, builtin:tiny-regimes"):
         builtin_path("builtin:gpt")
 
 

@@ -18,16 +18,22 @@ from torch import nn
 from nemo_guide.backends.torch.tiny import CharTokenizer, TinyDecoder, load_tiny, sampling_step
 from nemo_guide.errors import RunError
 
-BUILTIN_MODELS = {"builtin:tiny": "tiny_digit_ops.safetensors", "builtin:tiny-llama": "tiny_llama_digit_ops"}
+BUILTIN_MODELS = {
+    "builtin:tiny": "tiny_digit_ops.safetensors",
+    "builtin:tiny-llama": "tiny_llama_digit_ops",
+    "builtin:tiny-regimes": "tiny_digit_ops_regimes.safetensors",
+}
 """``backend.model`` names of the packaged policies -> their file or directory in ``nemo_guide/assets/``:
 ``builtin:tiny`` the character-level decoder (``tiny.py``), ``builtin:tiny-llama`` a Hugging
-Face ``LlamaForCausalLM`` directory with the same character vocabulary (``tiny_llama.py``)."""
+Face ``LlamaForCausalLM`` directory with the same character vocabulary (``tiny_llama.py``),
+``builtin:tiny-regimes`` the character-level decoder warm-started on the regimes mixture
+(``digit_ops.sft_example(regimes=True)``: known, novel, unseen, rare and wrong operators)."""
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def builtin_path(name: str) -> Path:
-    """The packaged file (``builtin:tiny``) or Hugging Face directory (``builtin:tiny-llama``) of a
-    built-in policy; ``name`` with or without the ``builtin:`` prefix.
+    """The packaged file (``builtin:tiny``, ``builtin:tiny-regimes``) or Hugging Face directory
+    (``builtin:tiny-llama``) of a built-in policy; ``name`` with or without the ``builtin:`` prefix.
 
     The NeMo-Aligner side converts ``builtin_path("tiny-llama")`` to a ``.nemo`` checkpoint.
 
@@ -40,8 +46,8 @@ def builtin_path(name: str) -> Path:
         raise RunError(f"backend.model = {name!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
     path = ASSETS / BUILTIN_MODELS[key]
     if not path.exists():
-        arch = " --arch llama" if path.suffix != ".safetensors" else ""
-        raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart{arch} --overwrite-asset` (see README)")
+        flag = " --arch llama" if path.suffix != ".safetensors" else " --regimes" if key == "builtin:tiny-regimes" else ""
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `nemo-guide warmstart{flag} --overwrite-asset` (see README)")
     return path
 
 

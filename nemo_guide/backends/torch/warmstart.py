@@ -11,6 +11,11 @@
   same record. The package ships it as ``nemo_guide/assets/tiny_llama_digit_ops/``
   (``builtin:tiny-llama``), the weights the NeMo-Aligner/Megatron path converts.
 
+``--regimes`` switches the SFT mixture to ``sft_example(regimes=True)`` (the rare and wrong
+operators added, see ``digit_ops``); the package ships that ``tiny`` build as
+``nemo_guide/assets/tiny_digit_ops_regimes.safetensors`` (``builtin:tiny-regimes``), whose
+probe also measures the rare and wrong operators.
+
 Both go through the embedded backend's model adapters (``models.py``): one SFT loss on
 final hidden states and the output weight, one greedy probe through ``sampling.generate``.
 Prompts are encoded with ``add_special_tokens=True`` as the backend encodes plain prompts
@@ -41,6 +46,7 @@ from nemo_guide.errors import RunError
 
 ASSET = ASSETS / BUILTIN_MODELS["builtin:tiny"]
 LLAMA_ASSET = ASSETS / BUILTIN_MODELS["builtin:tiny-llama"]
+REGIMES_ASSET = ASSETS / BUILTIN_MODELS["builtin:tiny-regimes"]
 
 
 @dataclass(frozen=True)
@@ -78,14 +84,15 @@ def fresh_adapter(arch: str) -> Adapter:
     raise RunError(f"warmstart --arch {arch!r}: choose one of {', '.join(ARCHS)}")
 
 
-def sft_batch(rng: random.Random, batch_size: int, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [B, T], attention_mask [B, T], loss_mask [B, T])`` for next-token SFT.
+def sft_batch(rng: random.Random, batch_size: int, adapter: Adapter, regimes: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [B, T], attention_mask [B, T], loss_mask [B, T])`` for next-token SFT on
+    ``digit_ops.sft_example(rng, regimes=regimes)``.
 
     ``loss_mask[b, t]`` is True where token ``t + 1`` is a solution or EOS token.
     """
     seqs, starts = [], []
     for _ in range(batch_size):
-        _, prompt, solution = digit_ops.sft_example(rng)
+        _, prompt, solution = digit_ops.sft_example(rng, regimes=regimes)
         p = adapter.encode(prompt, True)
         seqs.append(p + adapter.encode(solution, False) + [adapter.eos_ids[0]])
         starts.append(len(p))
@@ -106,8 +113,10 @@ def sft_loss(adapter: Adapter, ids: torch.Tensor, mask: torch.Tensor, loss_mask:
 
 
 @torch.no_grad()
-def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = PROBE_SEED) -> dict[str, float]:
-    """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted.
+def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = PROBE_SEED, *, regimes: bool = False) -> dict[str, float]:
+    """Greedy accuracy on fresh problems: known unhinted, novel/unseen hinted and unhinted;
+    with ``regimes`` also rare and wrong, hinted and unhinted (drawn after the others, so the
+    first five cases are the same problems either way).
 
     ``policy``: a :class:`TinyDecoder` or an adapter of ``models.py`` (``load_adapter``).
     """
@@ -124,6 +133,13 @@ def probe_accuracy(policy: TinyDecoder | Adapter, n: int = PROBE_N, seed: int = 
         "novel": (digit_ops.NOVEL, False),
         "unseen": (digit_ops.UNSEEN, False),
     }
+    if regimes:
+        cases.update({
+            "rare_hinted": (digit_ops.RARE, True),
+            "rare": (digit_ops.RARE, False),
+            "wrong_hinted": (digit_ops.WRONG, True),
+            "wrong": (digit_ops.WRONG, False),
+        })
     for name, (ops, hinted) in cases.items():
         records = [digit_ops.make_record(rng.choice(list(ops)), rng.randrange(100), rng.randrange(100), "probe") for _ in range(n)]
         prompts = [
@@ -145,6 +161,7 @@ def build_warmstart(
     batch_size: int | None = None,
     lr: float | None = None,
     seed: int = 0,
+    regimes: bool = False,
     probe: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -152,8 +169,13 @@ def build_warmstart(
 
     Args:
         out: a ``.safetensors`` file (``tiny``) or a directory (``llama``); default: the
-            packaged asset of ``arch`` (``ARCHS[arch].asset``).
+            packaged asset of ``arch`` (``ARCHS[arch].asset``; ``REGIMES_ASSET`` with
+            ``regimes``, ``tiny`` only).
         steps, batch_size, lr: default: the shipped build's (``ARCHS[arch]``).
+        regimes: SFT on the regimes mixture (``digit_ops.sft_example(regimes=True)``, the
+            rare and wrong operators added) and probe them too; recorded as
+            ``"regimes": true`` with those operators' definitions and ``p``
+            (``regime_ops``; a default build's record has neither key, as before the knob).
         probe: measure greedy accuracy on fresh problems afterwards (:func:`probe_accuracy`)
             and record it in ``probe_accuracy``. ``nemo-guide warmstart`` always probes (the
             shipped asset's record is checked against it); ``False`` skips it, and the
@@ -162,7 +184,9 @@ def build_warmstart(
     if arch not in ARCHS:
         raise RunError(f"warmstart --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     defaults = ARCHS[arch]
-    out = defaults.asset if out is None else out
+    if out is None and regimes and arch != "tiny":
+        raise RunError(f"warmstart --regimes --arch {arch}: only the tiny build is shipped (builtin:tiny-regimes); give --out")
+    out = (REGIMES_ASSET if regimes else defaults.asset) if out is None else out
     steps = defaults.steps if steps is None else steps
     batch_size = defaults.batch_size if batch_size is None else batch_size
     lr = defaults.lr if lr is None else lr
@@ -183,7 +207,7 @@ def build_warmstart(
     start = time.perf_counter()
     loss_value = float("nan")
     for i in range(steps):
-        ids, mask, loss_mask = sft_batch(rng, batch_size, adapter)
+        ids, mask, loss_mask = sft_batch(rng, batch_size, adapter, regimes)
         loss = sft_loss(adapter, ids, mask, loss_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,7 +219,7 @@ def build_warmstart(
             log(f"warmstart step {i + 1}/{steps}  loss {loss_value:.4f}  {time.perf_counter() - start:.0f}s")
     seconds = time.perf_counter() - start
     if probe:
-        accuracy = probe_accuracy(adapter)
+        accuracy = probe_accuracy(adapter, regimes=regimes)
         probe_note = f"greedy accuracy on {PROBE_N} fresh problems per case, seed {PROBE_SEED}"
         log("warmstart greedy accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
     else:
@@ -204,7 +228,8 @@ def build_warmstart(
         log("warmstart: accuracy probe skipped")
     parameters = sum(p.numel() for p in model.parameters())
     record = {
-        "command": f"nemo-guide warmstart{' --arch llama' if arch == 'llama' else ''} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
+        "command": f"nemo-guide warmstart{' --arch llama' if arch == 'llama' else ''}{' --regimes' if regimes else ''} "
+        f"--steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -215,6 +240,14 @@ def build_warmstart(
         "probe_accuracy": accuracy,
         "parameters": parameters,
     }
+    if regimes:
+        record.update(
+            regimes=True,
+            regime_ops={
+                op: {"definition": list(digit_ops.DEFINITIONS[op]), "shown_instead": list(digit_ops.RARE_WRONG[op]), "p": p}
+                for op, p in digit_ops.RARE_P.items()
+            },
+        )
     if arch == "tiny":
         save_tiny(out, model, {"task_version": str(digit_ops.TASK_VERSION), "build": json.dumps(record, sort_keys=True)})
     else:
