@@ -84,12 +84,15 @@ def table_data(grid: Grid, table: Table, cache: dict[Path, Any]) -> list[dict[st
     return rows
 
 
-def _fmt(x: float | None) -> str:
+def _fmt(x: float | None, like: float | None = None) -> str:
+    """Two decimals (none from 100 on), scientific below 0.01 or from 1e4; ``like``: format a
+    spread the way its mean is formatted (``0.98 ± 0.01``, not ``0.98 ± 9.62e-03``)."""
     if x is None:
         return "-"
-    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+    ref = x if like is None else like
+    if ref != 0 and (abs(ref) < 1e-2 or abs(ref) >= 1e4):
         return f"{x:.2e}"
-    return f"{x:.2f}" if abs(x) < 100 else f"{x:.0f}"
+    return f"{x:.2f}" if abs(ref) < 100 else f"{x:.0f}"
 
 
 def markdown_table(table: Table, rows: list[dict[str, Any]]) -> str:
@@ -106,7 +109,7 @@ def markdown_table(table: Table, rows: list[dict[str, Any]]) -> str:
                 cells.append("-")
                 continue
             per = ", ".join(_fmt(v) for v in c["values"])
-            cells.append(f"{_fmt(c['mean'])} ± {_fmt(c['std'])} ({per})")
+            cells.append(f"{_fmt(c['mean'])} ± {_fmt(c['std'], c['mean'])} ({per})")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,7 +204,7 @@ def progress_markdown(data: dict[str, Any], k: int) -> str:
         per_seed = [s for s in seeds.values() if s]
         for step in sorted({e["step"] for s in per_seed for e in s}):
             vals = {n: [e[n] for s in per_seed for e in s if e["step"] == step] for n in ("pass1", "self_distillation", "capability_gain", "regression")}
-            cells = " | ".join(f"{_fmt(mean_std(v)[0])} ± {_fmt(mean_std(v)[1])}" for v in vals.values())
+            cells = " | ".join(f"{_fmt(mean_std(v)[0])} ± {_fmt(mean_std(v)[1], mean_std(v)[0])}" for v in vals.values())
             lines.append(f"| {key} | {step} | {cells} |")
     return "\n".join(lines)
 
