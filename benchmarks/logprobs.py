@@ -73,6 +73,8 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, repeats: int, de
             return torch.log_softmax((h @ w.T).float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         if variant == "megatron":
             return -vocab_parallel_cross_entropy((h @ w.T).unsqueeze(1), y.unsqueeze(1)).squeeze(1)  # [T, 1, V] in
+        if variant == "fused-recompute":  # the op before it kept a chunk: every chunk's logits recomputed in backward
+            return fused_logprobs(h, w, y, chunk_size=chunk, memory_budget=budget, impl="torch", recompute=True)
         return fused_logprobs(h, w, y, chunk_size=chunk, memory_budget=budget, impl=variant.split("-", 1)[1])  # fused-torch | fused-triton
 
     def step(h, w, y):
@@ -163,8 +165,9 @@ def _summary(runs: list[dict]) -> dict | None:
 
 
 def _variants(device: str) -> list[str]:
-    """naive, megatron-core (when installed) and the torch path everywhere; the Triton kernels on CUDA."""
-    out = ["naive"] + (["megatron"] if importlib.util.find_spec("megatron") and importlib.util.find_spec("megatron.core") else []) + ["fused-torch"]
+    """naive, megatron-core (when installed), the torch path and its recompute-every-chunk form (the op
+    before it kept a chunk) everywhere; the Triton kernels on CUDA."""
+    out = ["naive"] + (["megatron"] if importlib.util.find_spec("megatron") and importlib.util.find_spec("megatron.core") else []) + ["fused-torch", "fused-recompute"]
     return out + (["fused-triton"] if device == "cuda" else [])
 
 
