@@ -33,10 +33,11 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _subprocess import run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,21 +199,7 @@ def run_one(
 
 def _child(spec: dict, before: str | None, threads: int) -> dict | None:
     """Run one spec in a fresh interpreter whose ``nemo_guide`` comes from this checkout or ``before``."""
-    checkout = before if spec["variant"] == "before" else str(REPO)
-    path = [checkout, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(
-        os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(path)
-    )
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if out.returncode != 0:
-        print(f"{spec} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec, before if spec["variant"] == "before" else str(REPO), threads)
 
 
 def _variants(model: str, before: str | None) -> list[str]:

@@ -35,11 +35,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _subprocess import run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("generation", "scoring", "logprobs", "update")
@@ -155,21 +156,7 @@ def _timed(method, calls: list):
 
 
 def _child(spec: dict, checkout: str, threads: int) -> dict | None:
-    path = [checkout, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(
-        os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(path)
-    )
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=checkout,
-    )
-    if out.returncode != 0:
-        print(f"{spec} failed: {out.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec, checkout, threads, cwd=checkout, tail=3)
 
 
 def main() -> None:
