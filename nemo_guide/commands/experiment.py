@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 
 def run_experiment(args: argparse.Namespace) -> int:
     from nemo_guide.experiment.grid import load_grid
     from nemo_guide.experiment.report import write_report
-    from nemo_guide.experiment.runner import run_args, run_grid
+    from nemo_guide.experiment.runner import read_grid_state, run_args, run_grid
 
     grid = load_grid(args.grid)
     if args.out:
@@ -22,9 +21,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         print(f"{len(grid.runs)} runs; output in {grid.output_dir}")
         return 0
     if args.report_only:
-        state_path = grid.output_dir / "grid.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {"invocations": []}
-        for path in write_report(grid, state):
+        for path in write_report(grid, read_grid_state(grid)):
             print(f"wrote {path}")
         return 0
     run_grid(grid, jobs=args.jobs, resume=args.resume, threads=args.threads)

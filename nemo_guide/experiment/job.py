@@ -21,6 +21,24 @@ from nemo_guide.core.metrics import pass_at_k
 
 DONE = "done.json"
 EXPERIMENT_DIR = "experiment"
+GRID_STATE = "grid.json"
+
+
+def read_document(path: Path) -> Any:
+    """One JSON document the grid wrote (a job file, ``done.json``, ``grid.json``); ``None`` when missing.
+
+    Raises:
+        RunError: the file is not valid JSON (named, with the fix).
+    """
+    from nemo_guide.errors import RunError
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not a JSON document ({exc}); fix: delete it (a run's done.json is remade by --resume)") from exc
 
 
 def eval_metrics(samples: Path, kinds: dict[str, tuple[str, ...]], ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
@@ -136,9 +154,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     from nemo_guide.cli import user_errors
 
-    job = json.loads(Path(argv[0]).read_text())
     try:
-        run_job(job)
+        run_job(read_document(Path(argv[0])))
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_guide.experiment.grid import Grid, Run, Table
-from nemo_guide.experiment.job import DONE, EXPERIMENT_DIR
+from nemo_guide.experiment.job import DONE, EXPERIMENT_DIR, read_document
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def metric_value(run_dir: Path, metric: str, cache: dict[Path, Any]) -> float | 
     """One metric of one finished run (``None`` when the run or the metric is missing)."""
     parts = metric.split(".", 2)
     if parts[0] == "eval":
-        done = _cached(cache, run_dir / EXPERIMENT_DIR / DONE, lambda p: json.loads(p.read_text()) if p.exists() else None)
+        done = _cached(cache, run_dir / EXPERIMENT_DIR / DONE, read_document)
         if done is None:
             return None
         value = done["eval"].get(parts[2], {}).get(parts[1])
@@ -48,7 +48,7 @@ def metric_value(run_dir: Path, metric: str, cache: dict[Path, Any]) -> float | 
             return None
         agg = parts[1]
         return {"first": values[0], "last": values[-1], "mean": sum(values) / len(values), "min": min(values), "max": max(values)}[agg]
-    node: Any = _cached(cache, run_dir / "summary.json", lambda p: json.loads(p.read_text()) if p.exists() else None)
+    node: Any = _cached(cache, run_dir / "summary.json", read_document)
     for key in metric.split(".")[1:]:
         if not isinstance(node, dict) or key not in node:
             return None
@@ -128,7 +128,7 @@ def progress_data(grid: Grid) -> dict[str, Any]:
                 if not done.exists():
                     continue
                 steps = []
-                for entry in json.loads(done.read_text()).get("progress", []):
+                for entry in read_document(done).get("progress", []):
                     a = entry["analysis"]
                     counts, n = a["effective"]["counts"], a["problems"]
                     steps.append({
@@ -218,7 +218,7 @@ def write_report(grid: Grid, state: dict[str, Any]) -> list[Path]:
     for run in grid.runs:
         done = grid.output_dir / "runs" / run.name / EXPERIMENT_DIR / DONE
         if done.exists():
-            run_seconds.append(json.loads(done.read_text())["wall_seconds"])
+            run_seconds.append(read_document(done)["wall_seconds"])
     lines = [f"# Experiment {grid.path.name}", ""]
     if grid.description:
         lines += [grid.description.strip(), ""]

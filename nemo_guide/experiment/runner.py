@@ -27,7 +27,7 @@ from typing import Callable
 
 from nemo_guide.errors import RunError
 from nemo_guide.experiment.grid import Grid, Run
-from nemo_guide.experiment.job import DONE, EXPERIMENT_DIR
+from nemo_guide.experiment.job import DONE, EXPERIMENT_DIR, GRID_STATE, read_document
 
 Log = Callable[[str], None]
 
@@ -45,12 +45,17 @@ def run_args(grid: Grid, run: Run) -> list[str]:
     return [*run.override_args(grid.common), f"run.name={run.name}", f"run.output_dir={runs_dir(grid)}"]
 
 
+def read_grid_state(grid: Grid) -> dict:
+    """``<output_dir>/grid.json``: every invocation of the grid (start, jobs, threads, runs, wall time)."""
+    return read_document(grid.output_dir / GRID_STATE) or {"invocations": []}
+
+
 def is_finished(grid: Grid, run: Run) -> bool:
     """Whether ``done.json`` exists; refuses one written by other arguments (the grid changed)."""
     done = runs_dir(grid) / run.name / EXPERIMENT_DIR / DONE
     if not done.exists():
         return False
-    saved = json.loads(done.read_text()).get("args")
+    saved = read_document(done).get("args")
     if saved != run_args(grid, run):
         raise RunError(
             f"{done} was made with other arguments than the grid now gives run {run.name}:\n  saved: {saved}\n  now:   {run_args(grid, run)}\n"
@@ -106,10 +111,11 @@ def run_grid(grid: Grid, *, jobs: int = 1, resume: bool = False, threads: int | 
     if jobs < 1:
         raise RunError(f"--jobs {jobs}: give 1 or more")
     grid.output_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(grid.output_dir / ".grid.lock", "a+")
+    lock = os.open(grid.output_dir / ".grid.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(lock)
         raise RunError(f"{grid.output_dir} is used by another `nemo-guide experiment` process; wait for it or stop it") from None
     try:
         existing = sorted(p.name for p in runs_dir(grid).iterdir()) if runs_dir(grid).exists() else []
@@ -123,8 +129,7 @@ def run_grid(grid: Grid, *, jobs: int = 1, resume: bool = False, threads: int | 
         per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
         log(f"grid {grid.path.name}: {len(grid.runs)} runs, {len(finished)} finished, {len(pending)} to run, "
             f"{jobs} at a time with {per_job} thread(s) each; logs in {grid.output_dir / 'logs'}")
-        state_path = grid.output_dir / "grid.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {"invocations": []}
+        state = read_grid_state(grid)
         invocation = {"started": time.time(), "jobs": jobs, "threads": per_job, "ran": [], "failed": [], "skipped": [r.name for r in finished]}
         state["invocations"].append(invocation)
         start = time.time()
@@ -133,6 +138,7 @@ def run_grid(grid: Grid, *, jobs: int = 1, resume: bool = False, threads: int | 
                 (invocation["ran"] if rc == 0 else invocation["failed"]).append({"name": run.name, "seconds": seconds, "exit": rc})
         invocation["wall_seconds"] = time.time() - start
         invocation["machine"] = _machine()
+        state_path = grid.output_dir / GRID_STATE
         tmp = state_path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_path)
@@ -145,7 +151,7 @@ def run_grid(grid: Grid, *, jobs: int = 1, resume: bool = False, threads: int | 
             )
         return state
     finally:
-        lock.close()
+        os.close(lock)
 
 
 def _machine() -> dict:
