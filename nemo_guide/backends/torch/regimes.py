@@ -17,8 +17,8 @@ reference trace after the plain and after the guided prompt and reports:
   sampled figure is not exactly 0 where ``p`` is.
 
 ``python -m nemo_guide.backends.torch.regimes builtin:tiny-regimes`` prints the table for
-every operator (the regime map's starting point; ``notes_regime.md`` holds the shipped
-policy's).
+every operator (the regime map's starting point; docs/reproduction.md, "Regime map", holds
+the shipped policy's).
 """
 
 from __future__ import annotations
