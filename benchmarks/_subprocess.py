@@ -3,15 +3,18 @@
 ``run_child(script, spec, checkout, threads)`` runs ``python SCRIPT --child JSON`` with
 ``checkout`` first on ``PYTHONPATH`` (so ``nemo_guide`` comes from that checkout: the
 "before" columns) and ``OMP_NUM_THREADS`` set, and returns the JSON object the child printed
-last, or ``None`` after saying on stderr why it failed.
+last, or ``None`` after saying on stderr why it failed. ``add_child_arguments`` and
+``parse_or_run_child`` are the scripts' side of it: the ``--before`` and ``--child`` options.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_child(script: str, spec: dict, checkout: str, threads: int, *, cwd: str | None = None, tail: int = 1) -> dict | None:
@@ -22,3 +25,21 @@ def run_child(script: str, spec: dict, checkout: str, threads: int, *, cwd: str 
         print(f"{spec} failed: {out.stderr.strip().splitlines()[-tail:]}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_child_arguments(parser, before_help: str) -> None:
+    """``--before PATH`` (another checkout measured side by side) and the hidden ``--child JSON``."""
+    parser.add_argument("--before", metavar="PATH", help=before_help)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def parse_or_run_child(parser, run_one):
+    """The parsed arguments of the parent, or None in a child, which has printed the JSON of
+    ``run_one(**spec)`` (what :func:`run_child` reads). Refuses a ``--before`` with no package."""
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(**json.loads(args.child))))
+        return None
+    if args.before and not (Path(args.before) / "nemo_guide").is_dir():
+        parser.error(f"--before {args.before}: no nemo_guide package there; give a checkout's root directory")
+    return args

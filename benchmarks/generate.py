@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _subprocess import run_child  # benchmarks/ is sys.path[0] when run as a script
+from _subprocess import add_child_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,20 +255,10 @@ def main() -> None:
         default="wall",
         help="tokens/s from wall-clock or process CPU time (cpu: steadier on a shared machine)",
     )
-    parser.add_argument(
-        "--before",
-        metavar="PATH",
-        help="another checkout (e.g. main) measured as the 'before' variant",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_one(**json.loads(args.child))))
+    add_child_arguments(parser, "another checkout (e.g. main) measured as the 'before' variant")
+    args = parse_or_run_child(parser, run_one)
+    if args is None:
         return
-    if args.before and not (Path(args.before) / "nemo_guide").is_dir():
-        parser.error(
-            f"--before {args.before}: no nemo_guide package there; give a checkout's root directory"
-        )
     configs = [(m, b) for m in args.models for b in args.batches]
     results: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):

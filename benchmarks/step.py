@@ -32,7 +32,6 @@ tables show medians over rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _subprocess import run_child  # benchmarks/ is sys.path[0] when run as a script
+from _subprocess import add_child_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("generation", "scoring", "logprobs", "update")
@@ -201,22 +200,12 @@ def main() -> None:
         default=0,
         help="run.seed: the prompt order and sampling seeds",
     )
-    parser.add_argument(
-        "--before",
-        metavar="PATH",
-        help="another checkout (e.g. main) measured side by side",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_one(**json.loads(args.child))))
+    add_child_arguments(parser, "another checkout (e.g. main) measured side by side")
+    args = parse_or_run_child(parser, run_one)
+    if args is None:
         return
     checkouts = {"after": str(REPO)}
     if args.before:
-        if not (Path(args.before) / "nemo_guide").is_dir():
-            parser.error(
-                f"--before {args.before}: no nemo_guide package there; give a checkout's root directory"
-            )
         checkouts["before"] = str(Path(args.before).resolve())
     configs = [(k, b) for k in args.k for b in args.batch]
     variants = [(mode, which) for which in checkouts for mode in MODES]
