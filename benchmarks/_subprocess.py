@@ -27,8 +27,13 @@ def run_child(script: str, spec: dict, checkout: str, threads: int, *, cwd: str 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def add_child_arguments(parser, before_help: str) -> None:
-    """``--before PATH`` (another checkout measured side by side) and the hidden ``--child JSON``."""
+def add_child_arguments(parser, *, repeats_help: str, before_help: str) -> None:
+    """The options every benchmark shares: ``--rounds`` (interleaved, medians over them),
+    ``--repeats`` (timed runs per subprocess), ``--threads``, ``--before PATH`` (another checkout
+    measured side by side) and the hidden ``--child JSON``."""
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; tables show medians over them")
+    parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS) of every run")
     parser.add_argument("--before", metavar="PATH", help=before_help)
     parser.add_argument("--child", help=argparse.SUPPRESS)
 

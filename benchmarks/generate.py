@@ -232,30 +232,12 @@ def main() -> None:
         help="temperature-1 sampling from a fixed seed (default: greedy)",
     )
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="interleaved rounds; the table shows medians over them",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="timed generations per subprocess (median)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (and OMP_NUM_THREADS) of every run",
-    )
-    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
         help="tokens/s from wall-clock or process CPU time (cpu: steadier on a shared machine)",
     )
-    add_child_arguments(parser, "another checkout (e.g. main) measured as the 'before' variant")
+    add_child_arguments(parser, repeats_help="timed generations per subprocess (median)", before_help="another checkout (e.g. main) measured as the 'before' variant")
     args = parse_or_run_child(parser, run_one)
     if args is None:
         return

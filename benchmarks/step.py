@@ -177,30 +177,12 @@ def main() -> None:
         help="prompts per step (data.prompt_batch_size)",
     )
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="interleaved rounds; tables show medians over them",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="timed steps per subprocess (median), after one warm-up step",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (and OMP_NUM_THREADS) of every run",
-    )
-    parser.add_argument(
         "--seed",
         type=int,
         default=0,
         help="run.seed: the prompt order and sampling seeds",
     )
-    add_child_arguments(parser, "another checkout (e.g. main) measured side by side")
+    add_child_arguments(parser, repeats_help="timed steps per subprocess (median), after one warm-up step", before_help="another checkout (e.g. main) measured side by side")
     args = parse_or_run_child(parser, run_one)
     if args is None:
         return
