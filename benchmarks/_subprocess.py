@@ -3,8 +3,9 @@
 ``run_child(script, spec, checkout, threads)`` runs ``python SCRIPT --child JSON`` with
 ``checkout`` first on ``PYTHONPATH`` (so ``nemo_guide`` comes from that checkout: the
 "before" columns) and ``OMP_NUM_THREADS`` set, and returns the JSON object the child printed
-last, or ``None`` after saying on stderr why it failed. ``add_child_arguments`` and
-``parse_or_run_child`` are the scripts' side of it: the ``--before`` and ``--child`` options.
+last, or ``None`` after saying on stderr why it failed. ``add_benchmark_arguments``
+(``--rounds``, ``--repeats``, ``--threads``, ``--before``, ``--child``) and ``parse_or_run_child``
+are the scripts' side of it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def run_child(script: str, spec: dict, checkout: str, threads: int, *, cwd: str 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def add_child_arguments(parser, *, repeats_help: str, before_help: str) -> None:
+def add_benchmark_arguments(parser, *, repeats_help: str, before_help: str) -> None:
     """The options every benchmark shares: ``--rounds`` (interleaved, medians over them),
     ``--repeats`` (timed runs per subprocess), ``--threads``, ``--before PATH`` (another checkout
     measured side by side) and the hidden ``--child JSON``."""

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _subprocess import add_child_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
+from _subprocess import add_benchmark_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,7 +237,7 @@ def main() -> None:
         default="wall",
         help="tokens/s from wall-clock or process CPU time (cpu: steadier on a shared machine)",
     )
-    add_child_arguments(parser, repeats_help="timed generations per subprocess (median)", before_help="another checkout (e.g. main) measured as the 'before' variant")
+    add_benchmark_arguments(parser, repeats_help="timed generations per subprocess (median)", before_help="another checkout (e.g. main) measured as the 'before' variant")
     args = parse_or_run_child(parser, run_one)
     if args is None:
         return

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _subprocess import add_child_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
+from _subprocess import add_benchmark_arguments, parse_or_run_child, run_child  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("generation", "scoring", "logprobs", "update")
@@ -182,7 +182,7 @@ def main() -> None:
         default=0,
         help="run.seed: the prompt order and sampling seeds",
     )
-    add_child_arguments(parser, repeats_help="timed steps per subprocess (median), after one warm-up step", before_help="another checkout (e.g. main) measured side by side")
+    add_benchmark_arguments(parser, repeats_help="timed steps per subprocess (median), after one warm-up step", before_help="another checkout (e.g. main) measured side by side")
     args = parse_or_run_child(parser, run_one)
     if args is None:
         return
